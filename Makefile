@@ -1,0 +1,44 @@
+# idql-cm: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TASK   ?= halfcheetah-medium-v2
+SEED   ?= 0
+
+.PHONY: install demo test test-fast lint bench pipeline report clean help
+
+help:
+	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL/EDM/CD/CT on CPU, evaluate, report"
+	@echo "make test      - run the test suite"
+	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
+	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"
+
+$(STAMP): setup.cfg pyproject.toml scripts/install.sh
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@$(BIN)/python scripts/run_pipeline.py --preset demo --out results/demo
+
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	@$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	@$(BIN)/ruff check idql_cm tests scripts
+
+bench: $(STAMP)
+	@$(BIN)/python scripts/bench.py --out benchmarks/results.json
+
+pipeline: $(STAMP)
+	@$(BIN)/python scripts/run_pipeline.py --task $(TASK) --seed $(SEED) --out results/$(TASK)/seed$(SEED)
+
+report: $(STAMP)
+	@$(BIN)/idql-cm report results/$(TASK)/seed*/
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

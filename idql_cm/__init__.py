@@ -1,0 +1,22 @@
+"""idql-cm: IDQL with EDM, consistency-distilled (CD) and consistency-trained (CT) behaviour policies.
+
+Inference API::
+
+    from idql_cm import load_actor, load_agent
+    actor = load_actor("ct.ckpt")                 # actor.sample(obs, nfe=1) -> actions
+    agent = load_agent("ct.ckpt", "iql.ckpt")     # agent.act(obs, nfe=1)    -> actions
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_actor", "load_agent"]
+
+
+def __getattr__(name):  # lazy: importing the package must not import torch/gymnasium eagerly
+    if name in ("load_actor", "load_agent"):
+        from idql_cm.eval import api
+
+        return getattr(api, name)
+    raise AttributeError(name)
