@@ -1,0 +1,5 @@
+import sys
+
+from idql_cm.cli import main
+
+sys.exit(main())

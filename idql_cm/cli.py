@@ -1,0 +1,178 @@
+"""The ``idql-cm`` command.
+
+``idql-cm fit|validate|test --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
+command, so this is the project's form of ``lightning fit --config``); ``idql-cm collect`` writes a
+D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports.
+
+Errors a user can cause print one line on stderr and exit with code 2; ``IDQL_CM_DEBUG=1`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from idql_cm.errors import ConfigError, IDQLError
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _debug() -> bool:
+    return os.environ.get("IDQL_CM_DEBUG", "0") not in ("", "0")
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
+    # Lightning's hints that do not apply to an on-device endless batch stream or a step-based run.
+    for pat in (".*does not have many workers.*", ".*The number of training batches.*",
+                ".*`isinstance\\(treespec, LeafSpec\\)`.*", ".*Total length of `.*` across ranks is zero.*",
+                ".*The `srun` command is available.*", ".*You defined a `validation_step` but have no.*",
+                ".*Your `IterableDataset` has `__len__` defined.*", ".*sanity.*"):
+        warnings.filterwarnings("ignore", message=pat)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """Create the LightningCLI (``args`` lets tests drive it in-process)."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from idql_cm.data.datamodule import TDDataModule
+    from idql_cm.modules.common import IDQLModule
+
+    class IDQLCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            sub = self.subcommand
+            cfg = self.config.get(sub, self.config) if sub else self.config
+            ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
+            if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+                # Refuse a wrong --ckpt_path before any data is loaded or any step is run.
+                from idql_cm.modules.artifacts import read_checkpoint
+
+                kind = _kind_of(cfg.model.class_path if hasattr(cfg.model, "class_path") else str(cfg.model))
+                read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")
+            teacher = _get(cfg, "model.init_args.teacher_ckpt")
+            if teacher is not None and not os.path.isfile(teacher):
+                raise ConfigError(f"model.init_args.teacher_ckpt: no EDM checkpoint at {teacher} "
+                                  "(train the EDM stage first: idql-cm fit --config configs/<task>/edm.yaml)")
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+            root = config.get("default_root_dir") or os.getcwd()
+            if config.get("precision") is None:
+                # One config for both machines: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~5x slower on
+                # CPUs without AVX-512 bf16, platform-notes). An explicit --trainer.precision wins.
+                on_gpu = torch.cuda.is_available() and config.get("accelerator") in (None, "auto", "gpu", "cuda")
+                config["precision"] = "bf16-mixed" if on_gpu else "32-true"
+            if torch.cuda.is_available():
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            if config.get("logger") in (None, True):
+                from lightning.pytorch.loggers import TensorBoardLogger
+
+                # A fixed folder (no version_N) so reports, checkpoints and TensorBoard files of a stage
+                # stay in one predictable place across resumes.
+                config["logger"] = TensorBoardLogger(save_dir=root, name="", version="tb", default_hp_metric=False)
+            trainer = super()._instantiate_trainer(config, callbacks)
+            for cb in trainer.callbacks:
+                if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                    cb.dirpath = os.path.join(root, "checkpoints")
+            return trainer
+
+    _quiet_warnings()
+    return IDQLCLI(
+        model_class=IDQLModule,
+        subclass_mode_model=True,
+        datamodule_class=TDDataModule,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        trainer_defaults={"num_sanity_val_steps": 0, "enable_model_summary": False},
+        parser_kwargs={"default_env": False},
+        args=args,
+        run=run,
+    )
+
+
+def _get(cfg, dotted: str):
+    cur = cfg
+    for part in dotted.split("."):
+        try:
+            cur = cur[part] if not hasattr(cur, part) else getattr(cur, part)
+        except (KeyError, TypeError, AttributeError):
+            return None
+        if cur is None:
+            return None
+    return cur
+
+
+def _kind_of(class_path: str) -> str | None:
+    name = class_path.rsplit(".", 1)[-1].lower()
+    for kind in ("iql", "edm", "cd", "ct"):
+        if name.startswith(kind):
+            return kind
+    return None
+
+
+def _aux_main(argv: list[str]) -> int:
+    from idql_cm.data.collect import add_collect_parser, run_collect
+    from idql_cm.eval.report import add_report_parser, run_report
+
+    parser = argparse.ArgumentParser(prog="idql-cm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_collect_parser(sub)
+    add_report_parser(sub)
+    args = parser.parse_args(argv)
+    handler = {"collect": run_collect, "report": run_report}[args.command]
+    result = handler(args)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in ("collect", "report"):
+            return _aux_main(argv)
+        build_cli(argv)
+        return 0
+    except IDQLError as e:
+        if _debug():
+            raise
+        print(f"idql-cm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("idql-cm: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # argparse / jsonargparse: they already printed their message
+        return int(e.code) if isinstance(e.code, int) else 2
+    except Exception as e:  # noqa: BLE001 - the CLI promises one line, not a traceback
+        if _debug():
+            raise
+        cause = _user_cause(e)
+        if cause is not None:
+            print(f"idql-cm: error: {cause}", file=sys.stderr)
+            return cause.exit_code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"idql-cm: error: {type(e).__name__}: {first} (set IDQL_CM_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _user_cause(e: BaseException) -> IDQLError | None:
+    """An IDQLError wrapped by Lightning or jsonargparse (raised inside a hook or a class constructor)."""
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, IDQLError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
