@@ -1,0 +1,202 @@
+"""Consistency models (Song et al. 2023, "Consistency Models"; Song & Dhariwal 2023, "Improved Techniques for
+Training Consistency Models" = iCT) over actions, with consistency training (iCT) and distillation (CD) losses.
+
+``ConsistencyModel`` is the boundary-conditioned parametrisation ``f(x, σ, obs)``; the iCT pieces (curriculum,
+log-normal index distribution, pseudo-Huber) are small pure functions; ``ct_loss`` / ``cd_loss`` return tensors
+(no host sync) and ``cm_sample`` / ``sample_consistency`` do multistep sampling with an explicit evaluation count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from idql_cm.diffusion.edm import EDMDenoiser, Preconditioned, _randn, append_dims, ode_step
+from idql_cm.errors import ConfigError
+
+
+class ConsistencyModel(Preconditioned):
+    """``f(x, σ, obs) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), obs)``, clipped to the action bounds.
+
+    The clipping applies in training losses too (as in the reference; zero gradient on clipped coordinates).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        x_min: float | torch.Tensor = -1.0,
+        x_max: float | torch.Tensor = 1.0,
+    ):
+        super().__init__(net, sigma_data, sigma_min, sigma_max, rho, x_min, x_max)
+
+    def get_scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Song et al. 2023, Appendix C: ``c_skip = σ_d²/(σ_d² + (σ − σ_min)²)``,
+        ``c_out = (σ − σ_min)·σ_d/√(σ_d² + σ²)``, ``c_in = 1/√(σ_d² + σ²)``; so f is the identity at σ_min."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sd2 + (sigma - self.sigma_min) ** 2)
+        c_out = (sigma - self.sigma_min) * self.sigma_data / (sd2 + sigma**2).sqrt()
+        c_in = 1 / (sd2 + sigma**2).sqrt()
+        return c_skip, c_out, c_in
+
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, clip: bool = True
+    ) -> torch.Tensor:
+        return self.denoise(x, sigma, obs, clip)
+
+
+@torch.no_grad()
+def sample_consistency(
+    model: ConsistencyModel,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    obs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): ``f(x, sigmas[-1])``, then for each lower grid
+    point σ_i > σ_min re-noise ``x = f + √(σ_i² − σ_min²)·z`` and apply f at σ_i. ``len(sigmas) − 1`` evaluations."""
+    n = x.shape[0]
+    x = model(x, sigmas[-1].expand(n), obs)
+    for i in range(len(sigmas) - 2, 0, -1):
+        x = x + (sigmas[i] ** 2 - model.sigma_min**2).sqrt() * _randn(x.shape, x, generator)
+        x = model(x, sigmas[i].expand(n), obs)
+    return x
+
+
+def cm_sample(
+    model: ConsistencyModel, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Actions ``[B, act_dim]`` with ``nfe`` evaluations: one step from ``x = randn·σ_max``, then re-noising at the
+    inner points of the Karras grid of nfe intervals (nfe 2: σ = 2.515; nfe 4: 17.53, 2.515, 0.170)."""
+    if nfe < 1:
+        raise ConfigError(f"consistency sampling: expected nfe ≥ 1, found nfe={nfe}")
+    x = _randn((obs.shape[0], model.act_dim), obs, generator) * model.sigma_max
+    return sample_consistency(model, x, model.sigmas(nfe, device=obs.device), obs, generator)
+
+
+def ict_kprime(total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """Steps per curriculum phase, iCT eq. 11: ``K' = ⌊K / (log2⌊s1/s0⌋ + 1)⌋`` (at least 1); 125 000 for K = 1e6."""
+    return max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
+
+
+def ict_num_intervals(k: int, kprime: int, s0: int = 10, s1: int = 1280) -> int:
+    """Number of discretisation intervals at step k, iCT eq. 11: ``N(k) = min(s0·2^⌊k/K'⌋, s1)`` (grid: N + 1 points)."""
+    # Deliberate difference: the reference (CleanDiffuser main) uses ceil for K' and for k/K', which shifts every
+    # phase by one (N = 20 from step 1, the cap one phase early); we follow the paper's floor form.
+    return min(s0 * 2 ** (k // kprime), s1)
+
+
+def lognormal_index_probs(sigmas: torch.Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> torch.Tensor:
+    """Discretised log-normal over the intervals of ``sigmas`` ([N+1] → [N]), iCT Sec. 3.5:
+    ``p(j) ∝ erf((ln σ_{j+1} − P_mean)/(√2·P_std)) − erf((ln σ_j − P_mean)/(√2·P_std))``."""
+    cdf = torch.erf((sigmas.double().log() - P_mean) / (math.sqrt(2) * P_std))
+    p = cdf[1:] - cdf[:-1]
+    return (p / p.sum()).to(sigmas.dtype)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Pseudo-Huber distance on the whole vector (last dim), iCT Sec. 3.3: ``√(‖a − b‖² + c²) − c`` → [B]."""
+    return (((a - b) ** 2).sum(-1) + c**2).sqrt() - c
+
+
+def ct_loss(
+    model: ConsistencyModel,
+    x0: torch.Tensor,
+    obs: torch.Tensor,
+    sigmas: torch.Tensor,
+    probs: torch.Tensor,
+    c: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improved consistency training (iCT, Song & Dhariwal 2023, Algorithm 1 with eqs. 9–11).
+
+    ``j ~ probs`` (``lognormal_index_probs(sigmas)``), σ_n = σ_j, σ_m = σ_{j+1}; one shared ε gives
+    ``x_n = x0 + σ_n ε`` and ``x_m = x0 + σ_m ε``. Student f(x_m, σ_m) with gradient; teacher f(x_n, σ_n) is the same
+    online model under no_grad (no EMA teacher in iCT). Returns ``(mean λ·d, mean d)`` with
+    ``d = pseudo_huber(student, teacher, c)``, ``λ = 1/(σ_m − σ_n)``, ``c = 0.00054·√act_dim`` by default.
+    """
+    # The reference applies pseudo-Huber elementwise with c = 0.01; we use iCT's vector form and c.
+    c = 0.00054 * math.sqrt(x0.shape[-1]) if c is None else c
+    # Deliberate difference: the reference draws j with NumPy's global RNG; we use torch (and the given generator).
+    j = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
+    sigma_n, sigma_m = sigmas[j], sigmas[j + 1]
+    eps = _randn(x0.shape, x0, generator)
+    x_n = x0 + append_dims(sigma_n, x0.ndim) * eps
+    x_m = x0 + append_dims(sigma_m, x0.ndim) * eps
+    # Teacher and student share the dropout mask: the RNG state is restored after the student pass (as OpenAI's CM
+    # code does); the reference gives them independent masks.
+    devices = [x0.device] if x0.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=x0.device.type):
+        f_student = model(x_m, sigma_m, obs)
+    with torch.no_grad():
+        f_teacher = model(x_n, sigma_n, obs)
+    d = pseudo_huber(f_student, f_teacher, c)
+    return (d / (sigma_m - sigma_n)).mean(), d.detach().mean()
+
+
+def cd_loss(
+    model: ConsistencyModel,
+    target: ConsistencyModel,
+    teacher: EDMDenoiser,
+    x0: torch.Tensor,
+    obs: torch.Tensor,
+    sigmas: torch.Tensor,
+    solver: str = "heun",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Consistency distillation (Song et al. 2023, Algorithm 2) on a fixed grid (``karras_sigmas(18)``).
+
+    ``idx ~ U{0..N−1}``, t_m = σ_{idx+1}, t_n = σ_idx, ``x_m = x0 + t_m ε``; one ODE step of the frozen EDM
+    ``teacher`` (its EMA weights, x0-prediction not clipped) gives x_n; the target is ``target(x_n, t_n)`` (the
+    consistency model's EMA) under no_grad. Loss: mean over batch and dims of ``λ·(f(x_m, t_m) − f_target)²`` with
+    ``λ = 1/(t_m − t_n)``. Call ``check_teacher_compatible`` once before training.
+    """
+    if solver not in ("heun", "euler"):
+        raise ConfigError(f"CD teacher solver: expected 'heun' or 'euler', found {solver!r}")
+    idx = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), generator=generator, device=x0.device)
+    t_n, t_m = sigmas[idx], sigmas[idx + 1]
+    x_m = x0 + append_dims(t_m, x0.ndim) * _randn(x0.shape, x0, generator)
+    with torch.no_grad():
+        # Heun as in the CD paper; the reference takes one Euler step.
+        x_n = ode_step(teacher, x_m, t_m, t_n, obs, heun=solver == "heun", clip=False)
+        f_target = target(x_n, t_n, obs)
+    f_student = model(x_m, t_m, obs)
+    return (append_dims(1 / (t_m - t_n), x0.ndim) * (f_student - f_target) ** 2).mean()
+
+
+def check_teacher_compatible(model: ConsistencyModel, teacher: EDMDenoiser) -> None:
+    """Raise ``ConfigError`` unless the EDM ``teacher`` matches ``model`` in σ_min, σ_max, σ_data, ρ, the action bounds
+    and the network (constructor ``config``, e.g. Fourier scale, and state-dict names/shapes), naming both sides."""
+    diffs = [
+        f"{name}: consistency model {getattr(model, name)}, teacher {getattr(teacher, name)}"
+        for name in ("sigma_min", "sigma_max", "sigma_data", "rho")
+        if getattr(model, name) != getattr(teacher, name)
+    ]
+    for name in ("x_min", "x_max"):
+        a, b = getattr(model, name).cpu(), getattr(teacher, name).cpu()
+        try:
+            same = torch.equal(*torch.broadcast_tensors(a, b))
+        except RuntimeError:  # shapes do not broadcast
+            same = False
+        if not same:
+            diffs.append(f"{name}: consistency model {a.tolist()}, teacher {b.tolist()}")
+    cfg_a, cfg_b = getattr(model.net, "config", {}), getattr(teacher.net, "config", {})
+    diffs += [
+        f"net.{key}: consistency model {cfg_a.get(key)}, teacher {cfg_b.get(key)}"
+        for key in sorted(cfg_a.keys() & cfg_b.keys())
+        if cfg_a[key] != cfg_b[key]
+    ]
+    shapes_a = {k: tuple(v.shape) for k, v in model.net.state_dict().items()}
+    shapes_b = {k: tuple(v.shape) for k, v in teacher.net.state_dict().items()}
+    diffs += [
+        f"net tensor {key}: consistency model {shapes_a.get(key)}, teacher {shapes_b.get(key)}"
+        for key in sorted(shapes_a.keys() | shapes_b.keys())
+        if shapes_a.get(key) != shapes_b.get(key)
+    ][:3]
+    if diffs:
+        raise ConfigError("CD teacher (EDM) does not match the consistency model: " + "; ".join(diffs))

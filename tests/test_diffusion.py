@@ -1,0 +1,326 @@
+"""EDM and consistency models: grids, scalings, losses against hand computations, evaluation counts, clipping."""
+
+import math
+
+import pytest
+import torch
+
+from idql_cm.diffusion import (
+    ConsistencyModel,
+    EDMDenoiser,
+    cd_loss,
+    check_teacher_compatible,
+    cm_sample,
+    ct_loss,
+    edm_sample,
+    ict_kprime,
+    ict_num_intervals,
+    karras_sigmas,
+    lognormal_index_probs,
+    pseudo_huber,
+)
+from idql_cm.errors import ConfigError
+from idql_cm.nets import IDQLMlp
+
+OBS, ACT = 3, 2
+
+
+def small_net(**kw) -> IDQLMlp:
+    return IDQLMlp(OBS, ACT, **{"emb_dim": 8, "hidden_dim": 16, "n_blocks": 1, **kw})
+
+
+class CountingNet(torch.nn.Module):
+    """Wraps a net and records the σ of every call (σ = exp(4·c_noise))."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.act_dim, self.sigmas = net, net.act_dim, []
+
+    def forward(self, x, c_noise, obs):
+        self.sigmas.append(math.exp(4 * c_noise[0].item()))
+        return self.net(x, c_noise, obs)
+
+
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (1, [0.002, 80.0]),
+        (2, [0.002, 2.51522, 80.0]),
+        (3, [0.002, 0.46998, 9.7232, 80.0]),
+        (4, [0.002, 0.16975, 2.51522, 17.52783, 80.0]),
+        (
+            18,
+            [
+                0.002,
+                0.00704,
+                0.02044,
+                0.05153,
+                0.11664,
+                0.24238,
+                0.46998,
+                0.86058,
+                1.50174,
+                2.51522,
+                4.06612,
+                6.37361,
+                9.7232,
+                14.48081,
+                21.10868,
+                30.18326,
+                42.41519,
+                58.67148,
+                80.0,
+            ],
+        ),
+    ],
+)
+def test_karras_sigmas(n, expected):
+    sigmas = karras_sigmas(n)
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (n + 1,)
+    torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=1e-4, atol=5e-6)  # spec: 5 decimals
+    assert sigmas[0] == torch.tensor(0.002) and sigmas[-1] == 80.0
+
+
+def test_edm_scalings():
+    edm = EDMDenoiser(small_net())
+    c_skip, c_out, c_in = edm.get_scalings(torch.tensor([80.0, 0.002]))
+    torch.testing.assert_close(c_skip, torch.tensor([0.25 / 6400.25, 0.25 / 0.250004]))
+    assert c_skip[0] == pytest.approx(3.9e-5, rel=2e-3) and c_skip[1] == pytest.approx(0.99998, abs=1e-5)
+    assert c_out[0] == pytest.approx(0.49999, abs=1e-5) and c_out[1] == pytest.approx(
+        0.002 * 0.5 / 0.250004**0.5
+    )
+    torch.testing.assert_close(c_in, 1 / torch.tensor([6400.25, 0.250004]).sqrt())
+    torch.testing.assert_close(
+        edm.c_noise(torch.tensor([80.0, 0.002])), torch.tensor([1.0955, -1.5537]), atol=1e-4, rtol=0
+    )
+
+
+def test_cm_boundary_condition():
+    cm = ConsistencyModel(small_net())
+    sigma_min = torch.full((4,), 0.002)
+    c_skip, c_out, _ = cm.get_scalings(sigma_min)
+    assert torch.all(c_skip == 1) and torch.all(c_out == 0)
+    x, obs = torch.rand(4, ACT) * 2 - 1, torch.randn(4, OBS)
+    assert torch.equal(cm(x, sigma_min, obs), x)
+    x_big = 3 * x
+    assert torch.equal(cm(x_big, sigma_min, obs, clip=False), x_big)
+    assert torch.equal(cm(x_big, sigma_min, obs), x_big.clamp(-1, 1))
+
+
+def test_edm_loss_by_hand():
+    torch.manual_seed(0)
+    edm = EDMDenoiser(small_net(dropout=0.0))
+    x0, obs = torch.rand(8, ACT) * 2 - 1, torch.randn(8, OBS)
+    loss = edm.loss(x0, obs, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    sigma = torch.exp(torch.randn(8, generator=g) * 1.2 - 1.2)
+    eps = torch.randn(8, ACT, generator=g)
+    s, sd = sigma[:, None], 0.5
+    x = x0 + s * eps
+    F = edm.net(x / (sd**2 + s**2).sqrt(), 0.25 * sigma.log(), obs)
+    D = sd**2 / (sd**2 + s**2) * x + s * sd / (sd**2 + s**2).sqrt() * F
+    expected = ((s**2 + sd**2) / (s * sd) ** 2 * (D - x0) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in edm.net.parameters() if p.requires_grad)
+
+
+def test_ict_curriculum():
+    kprime = ict_kprime(1_000_000)
+    assert kprime == 125_000 and ict_kprime(100_000) == 12_500
+    expected = {
+        0: 10,
+        124_999: 10,
+        125_000: 20,
+        249_999: 20,
+        250_000: 40,
+        375_000: 80,
+        500_000: 160,
+        625_000: 320,
+        750_000: 640,
+        874_999: 640,
+        875_000: 1280,
+        1_000_000: 1280,
+        5_000_000: 1280,
+    }
+    assert {k: ict_num_intervals(k, kprime) for k in expected} == expected
+
+
+@pytest.mark.parametrize("n", [10, 20, 1280])
+def test_lognormal_index_probs(n):
+    sigmas = karras_sigmas(n)
+    p = lognormal_index_probs(sigmas)
+    assert p.shape == (n,) and torch.all(p > 0)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6)
+    # the mode of the discretised log-normal lies near exp(P_mean) = 0.33 (per unit of ln σ)
+    density = p / (sigmas[1:].log() - sigmas[:-1].log())
+    assert 0.1 < sigmas[density.argmax()] < 1.0
+
+
+def test_pseudo_huber_by_hand():
+    a, b = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    c = 0.1
+    expected = torch.tensor([math.sqrt(8 + c**2) - c, 0.0])
+    torch.testing.assert_close(pseudo_huber(a, b, c), expected)
+
+
+def _counting_edm():
+    return EDMDenoiser(CountingNet(small_net()))
+
+
+@pytest.mark.parametrize(
+    "solver, nfe", [("euler", 1), ("euler", 2), ("euler", 4), ("heun", 1), ("heun", 3), ("heun", 5)]
+)
+def test_edm_sampler_evaluation_count(solver, nfe):
+    edm = _counting_edm().eval()
+    act = edm_sample(edm, torch.randn(5, OBS), nfe, solver=solver, generator=torch.Generator().manual_seed(0))
+    assert act.shape == (5, ACT) and len(edm.net.sigmas) == nfe
+    assert edm.net.sigmas[0] == pytest.approx(80.0, rel=1e-5)
+
+
+def test_heun_refuses_even_nfe():
+    for nfe in (2, 4):
+        with pytest.raises(ConfigError, match=f"odd nfe.*found nfe={nfe}"):
+            edm_sample(_counting_edm(), torch.randn(2, OBS), nfe, solver="heun")
+    with pytest.raises(ConfigError, match="found nfe=0"):
+        edm_sample(_counting_edm(), torch.randn(2, OBS), 0)
+    with pytest.raises(ConfigError, match="'dpm'"):
+        edm_sample(_counting_edm(), torch.randn(2, OBS), 1, solver="dpm")
+
+
+@pytest.mark.parametrize(
+    "nfe, seen",
+    [(1, [80.0]), (2, [80.0, 2.51522]), (4, [80.0, 17.52783, 2.51522, 0.16975])],
+)
+def test_cm_sampler_evaluation_count_and_renoise_levels(nfe, seen):
+    cm = ConsistencyModel(CountingNet(small_net())).eval()
+    act = cm_sample(cm, torch.randn(5, OBS), nfe, generator=torch.Generator().manual_seed(0))
+    assert act.shape == (5, ACT)
+    assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    edm = EDMDenoiser(small_net()).eval()
+    obs = torch.randn(4, OBS)
+    a, b = (edm_sample(edm, obs, 2, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+class ConstantNet(torch.nn.Module):
+    """F = 100 everywhere: every x0-prediction falls far outside the bounds."""
+
+    act_dim = ACT
+
+    def forward(self, x, c_noise, obs):
+        return torch.full_like(x, 100.0)
+
+
+def test_samples_are_clipped_to_bounds():
+    x_min, x_max = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.25])
+    obs = torch.randn(64, OBS)
+    edm = EDMDenoiser(ConstantNet(), x_min=x_min, x_max=x_max)
+    cm = ConsistencyModel(ConstantNet(), x_min=x_min, x_max=x_max)
+    for act in (
+        edm_sample(edm, obs, 1),
+        edm_sample(edm, obs, 4),
+        edm_sample(edm, obs, 3, solver="heun"),
+        cm_sample(cm, obs, 1),
+        cm_sample(cm, obs, 4),
+    ):
+        assert torch.all(act >= x_min) and torch.all(act <= x_max)
+        # F = +100 pushes every x0-prediction to the upper bound (NFE 1 Euler keeps (σ_min/σ_max)·x_N of the noise)
+        torch.testing.assert_close(act, x_max.expand_as(act), atol=0.02, rtol=0)
+    assert (
+        edm(torch.zeros(2, ACT), torch.full((2,), 1.0), obs[:2]).max() > 1
+    )  # D itself is unclipped by default
+
+
+def test_ct_loss_weighting_and_grad():
+    torch.manual_seed(0)
+    cm = ConsistencyModel(small_net(fourier_scale=0.02))
+    sigmas = karras_sigmas(10)
+    probs = torch.zeros(10)
+    probs[3] = 1.0  # always the interval [σ_3, σ_4]
+    x0, obs = torch.rand(16, ACT) * 2 - 1, torch.randn(16, OBS)
+    loss, unweighted = ct_loss(cm, x0, obs, sigmas, probs, generator=torch.Generator().manual_seed(0))
+    assert loss.ndim == unweighted.ndim == 0 and not unweighted.requires_grad
+    torch.testing.assert_close(loss.detach(), unweighted / (sigmas[4] - sigmas[3]))
+    loss.backward()
+    assert cm.net.inp.weight.grad.abs().sum() > 0
+
+
+def test_ct_teacher_shares_the_student_dropout_mask():
+    torch.manual_seed(0)
+    cm = ConsistencyModel(small_net(dropout=0.5)).train()
+    x0, obs = torch.rand(32, ACT) * 2 - 1, torch.randn(32, OBS)
+    sigma = torch.full((32,), 1.0)
+    # dropout is active: two plain calls differ
+    assert not torch.equal(cm(x0, sigma, obs), cm(x0, sigma, obs))
+    # σ_n == σ_m ⇒ x_n == x_m: with a shared mask the teacher equals the student exactly
+    _, unweighted = ct_loss(cm, x0, obs, torch.tensor([1.0, 1.0]), torch.tensor([1.0]))
+    assert unweighted.item() < 1e-12
+
+
+def _cd_setup(**teacher_kw):
+    torch.manual_seed(0)
+    cm_kw = teacher_kw.pop("cm", {})
+    teacher = EDMDenoiser(small_net(dropout=0.0, **teacher_kw.pop("net", {})), **teacher_kw).eval()
+    model = ConsistencyModel(small_net(dropout=0.0), **cm_kw)
+    return model, teacher
+
+
+@pytest.mark.parametrize(
+    "teacher_kw, word",
+    [
+        ({"net": {"fourier_scale": 0.02}}, "fourier_scale"),
+        ({"net": {"hidden_dim": 32}}, "hidden_dim"),
+        ({"sigma_max": 40.0}, "sigma_max"),
+        ({"x_max": torch.tensor([1.0, 0.5])}, "x_max"),
+    ],
+)
+def test_cd_refuses_incompatible_teacher(teacher_kw, word):
+    model, teacher = _cd_setup(**teacher_kw)
+    with pytest.raises(ConfigError, match=f"{word}: consistency model .*, teacher "):
+        check_teacher_compatible(model, teacher)
+
+
+def test_cd_accepts_compatible_teacher_and_state_dict_shapes_are_compared():
+    model, teacher = _cd_setup(x_max=torch.ones(ACT))  # a tensor bound equal to the float one is compatible
+    check_teacher_compatible(model, teacher)
+    del teacher.net.config  # networks without a config are compared by their state-dict shapes
+    teacher.net.out[1] = torch.nn.Linear(16, ACT, bias=False)
+    with pytest.raises(ConfigError, match="out.1.bias: consistency model \\(2,\\), teacher None"):
+        check_teacher_compatible(model, teacher)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_cd_loss_by_hand(solver):
+    model, teacher = _cd_setup()
+    target = ConsistencyModel(small_net(dropout=0.0)).requires_grad_(False)
+    sigmas = karras_sigmas(18)
+    x0, obs = torch.rand(8, ACT) * 2 - 1, torch.randn(8, OBS)
+    loss = cd_loss(
+        model, target, teacher, x0, obs, sigmas, solver=solver, generator=torch.Generator().manual_seed(3)
+    )
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 18, (8,), generator=g)
+    t_n, t_m = sigmas[idx][:, None], sigmas[idx + 1][:, None]
+    x_m = x0 + t_m * torch.randn(8, ACT, generator=g)
+    with torch.no_grad():
+        d = (x_m - teacher(x_m, t_m[:, 0], obs)) / t_m
+        x_n = x_m + (t_n - t_m) * d
+        if solver == "heun":
+            x_n = x_m + (t_n - t_m) * (d + (x_n - teacher(x_n, t_n[:, 0], obs)) / t_n) / 2
+        f_target = target(x_n, t_n[:, 0], obs)
+    expected = ((model(x_m, t_m[:, 0], obs) - f_target) ** 2 / (t_m - t_n)).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.net.inp.weight.grad is not None and teacher.net.inp.weight.grad is None
+
+
+def test_cd_refuses_unknown_solver():
+    model, teacher = _cd_setup()
+    with pytest.raises(ConfigError, match="'rk4'"):
+        cd_loss(
+            model, model, teacher, torch.zeros(2, ACT), torch.zeros(2, OBS), karras_sigmas(18), solver="rk4"
+        )
