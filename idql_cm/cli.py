@@ -50,6 +50,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def before_instantiate_classes(self) -> None:
             sub = self.subcommand
             cfg = self.config.get(sub, self.config) if sub else self.config
+            root = _get(cfg, "trainer.default_root_dir") or os.getcwd()
+            _substitute_root(cfg, os.path.normpath(root))
             ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
                 # Refuse a wrong --ckpt_path before any data is loaded or any step is run.
@@ -77,7 +79,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
                 # A fixed folder (no version_N) so reports, checkpoints and TensorBoard files of a stage
                 # stay in one predictable place across resumes.
-                config["logger"] = TensorBoardLogger(save_dir=root, name="", version="tb", default_hp_metric=False)
+                config["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
             trainer = super()._instantiate_trainer(config, callbacks)
             for cb in trainer.callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
@@ -108,6 +110,24 @@ def _get(cfg, dotted: str):
         if cur is None:
             return None
     return cur
+
+
+def _substitute_root(node, root: str):
+    """Replace "{root}" in every string of the config by trainer.default_root_dir (in place)."""
+    from jsonargparse import Namespace
+
+    if isinstance(node, Namespace):
+        for key in list(vars(node)):
+            setattr(node, key, _substitute_root(getattr(node, key), root))
+    elif isinstance(node, dict):
+        for key in list(node):
+            node[key] = _substitute_root(node[key], root)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            node[i] = _substitute_root(item, root)
+    elif isinstance(node, str) and "{root}" in node:
+        return os.path.normpath(node.replace("{root}", root))
+    return node
 
 
 def _kind_of(class_path: str) -> str | None:

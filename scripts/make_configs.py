@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Writes configs/<task>/{iql,edm,cd,ct}.yaml for the nine D4RL locomotion tasks.
+
+The configs are committed; this script is how they were made, so the nine tasks cannot drift apart.
+Run it after changing a default here: `python scripts/make_configs.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+# Candidate-selection temperature T of softmax(T·advantage), per task: the reference pipeline's
+# configs (reference-spec §4; the tutorial's comment swaps medium / medium-replay for halfcheetah).
+TEMPERATURE = {
+    ("halfcheetah", "medium-expert"): 10, ("halfcheetah", "medium"): 400, ("halfcheetah", "medium-replay"): 100,
+    ("hopper", "medium-expert"): 5, ("hopper", "medium"): 50, ("hopper", "medium-replay"): 50,
+    ("walker2d", "medium-expert"): 300, ("walker2d", "medium"): 200, ("walker2d", "medium-replay"): 200,
+}
+
+HEADER = """\
+# {title}
+# Stage {stage} of the pipeline for {task} ({steps} steps, batch 256: the reference tutorial's full-length settings).
+# Run:   idql-cm fit --config configs/{task}/{stage}.yaml [--seed_everything S --trainer.default_root_dir DIR]
+# "{{root}}" in a path means trainer.default_root_dir, so stages of one run find each other.
+# Precision is left unset: bf16 autocast on CUDA, fp32 on CPU (resolved at start-up).
+"""
+
+TRAINER = """\
+seed_everything: 0
+trainer:
+  max_steps: {steps}
+  default_root_dir: results/{task}/seed0/{stage}
+  log_every_n_steps: 1000            # scalars to TensorBoard every 1000 steps (no per-step host sync)
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args:
+        every_n_train_steps: {ckpt_every}   # a checkpoint every {ckpt_every} steps plus checkpoints/last.ckpt
+        save_last: true
+        save_top_k: -1
+        filename: "step{{step}}"
+    - class_path: lightning.pytorch.callbacks.TQDMProgressBar
+      init_args:
+        refresh_rate: 200
+"""
+
+EVAL = """\
+    - class_path: idql_cm.eval.callback.RolloutEvaluation
+      init_args:
+        critic_ckpt: "{{root}}/../iql/checkpoints/last.ckpt"   # IQL critic that re-ranks candidates
+        nfe: [1, 2, 4]              # network evaluations per action
+        episodes: 150               # 50 envs x 3 rounds, as in the tutorial
+        num_envs: 50
+        num_candidates: 256         # IDQL candidates per state
+        temperature: {temperature}  # softmax(T * advantage) selection temperature for this task
+        selection: softmax          # the reference's; 'argmax' is the original IDQL's
+        every_n_steps: 0            # 0 = evaluate once, at the end of training
+"""
+
+DATA = """\
+data:
+  dataset: {task}                   # read from $D4RL_DATASET_DIR (default ~/.d4rl/datasets)
+  batch_size: 256
+  reward_scale: {reward_scale}
+"""
+
+MODELS = {
+    "iql": """\
+model:
+  class_path: idql_cm.modules.IQLModule
+  init_args:
+    hidden_dim: 256
+    expectile: 0.7
+    discount: 0.99
+    tau: 0.005                      # target <- (1-tau) target + tau online ('target_update: reference' for parity)
+    lr: 3.0e-4
+    lr_schedule: cosine
+""",
+    "edm": """\
+model:
+  class_path: idql_cm.modules.EDMModule
+  init_args:
+    net: {fourier_scale: 16.0, dropout: 0.1, hidden_dim: 256, n_blocks: 3}
+    lr: 3.0e-4
+    optimizer: adam
+    lr_schedule: cosine
+    ema_decay: 0.9999               # max EMA rate; grows from 0 with the step count (warm-up)
+    eval_solver: euler              # the tutorial's EDM column is Euler; nfe = steps
+""",
+    "cd": """\
+model:
+  class_path: idql_cm.modules.CDModule
+  init_args:
+    teacher_ckpt: "{root}/../edm/checkpoints/last.ckpt"   # the frozen EDM teacher (its EMA weights)
+    solver: heun                    # teacher ODE step (the reference used euler)
+    distill_intervals: 18
+    lr: 3.0e-4
+    optimizer: adam
+    lr_schedule: constant           # the reference never stepped its CD scheduler
+    ema_decay: 0.9999
+""",
+    "ct": """\
+model:
+  class_path: idql_cm.modules.CTModule
+  init_args:
+    net: {dropout: 0.1, hidden_dim: 256, n_blocks: 3}
+    fourier_scale: 0.02             # iCT's recommendation (EDM uses 16)
+    s0: 10
+    s1: 1280
+    lr: 3.0e-4
+    optimizer: adam
+    lr_schedule: cosine
+    ema_decay: 0.9999
+""",
+}
+
+TITLES = {"iql": "IQL critic (twin Q, target Q, V)", "edm": "EDM behaviour policy (Karras et al. 2022)",
+          "cd": "Consistency distillation from the EDM stage", "ct": "Improved consistency training (iCT)"}
+STEPS = {"iql": 1_000_000, "edm": 1_000_000, "cd": 200_000, "ct": 1_000_000}
+
+
+def main() -> None:
+    for (env, ds), temp in TEMPERATURE.items():
+        task = f"{env}-{ds}-v2"
+        out = ROOT / task
+        out.mkdir(parents=True, exist_ok=True)
+        for stage, steps in STEPS.items():
+            text = HEADER.format(title=TITLES[stage], stage=stage, task=task, steps=steps)
+            text += TRAINER.format(steps=steps, task=task, stage=stage, ckpt_every=steps // 5)
+            if stage != "iql":
+                text += EVAL.format(temperature=temp)
+            text += MODELS[stage]
+            text += DATA.format(task=task, reward_scale="iql_locomotion")
+            (out / f"{stage}.yaml").write_text(text)
+    print(f"wrote {len(TEMPERATURE) * len(STEPS)} configs under {ROOT}")
+
+
+if __name__ == "__main__":
+    main()
