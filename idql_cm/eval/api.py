@@ -1,0 +1,42 @@
+"""Inference API: a checkpoint in, a policy out.
+
+::
+
+    from idql_cm import load_actor, load_agent
+    policy = load_actor("ct.ckpt")                    # policy.sample(obs, nfe=1) -> actions (NumPy in, NumPy out)
+    agent = load_agent("ct.ckpt", "iql.ckpt")         # agent.act(obs, nfe=1)     -> IDQL-selected actions
+
+Observations are raw environment observations (the checkpoint carries its normaliser); answers come back as the
+kind that went in (NumPy float32 for NumPy, tensors on the policy's device for tensors).
+"""
+
+from __future__ import annotations
+
+from idql_cm.eval.agent import ActorPolicy, IDQLAgent
+
+
+def load_actor(ckpt_path: str, device=None) -> ActorPolicy:
+    """The EMA behaviour policy of an EDM, CD or CT checkpoint, as an :class:`ActorPolicy`.
+
+    ``device``: ``None`` picks CUDA when available, else CPU. Raises ``CheckpointError`` for a missing, unreadable
+    or non-actor checkpoint.
+    """
+    from idql_cm.modules.artifacts import load_policy  # lazy: keeps `import idql_cm` light
+
+    return ActorPolicy(load_policy(str(ckpt_path), device=device))
+
+
+def load_agent(actor_ckpt: str, critic_ckpt: str | None, num_candidates: int = 256, temperature: float = 100.0,
+               selection: str = "softmax", device=None) -> IDQLAgent:
+    """An :class:`IDQLAgent` from a behaviour checkpoint (EDM/CD/CT) and an IQL checkpoint.
+
+    ``critic_ckpt=None`` gives the behaviour policy alone. The critic is loaded on the actor's device; a critic of
+    another task (different obs/act sizes) is refused with ``CheckpointError``.
+    """
+    from idql_cm.modules.artifacts import load_critic, load_policy  # lazy
+
+    actor = load_policy(str(actor_ckpt), device=device)
+    critic = None
+    if critic_ckpt is not None:
+        critic = load_critic(str(critic_ckpt), device=getattr(actor, "device", device))
+    return IDQLAgent(actor, critic, num_candidates=num_candidates, temperature=temperature, selection=selection)
