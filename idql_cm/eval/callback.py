@@ -1,0 +1,341 @@
+"""``RolloutEvaluation``: IDQL rollouts from inside ``trainer.fit`` / ``trainer.validate``.
+
+Add it to a behaviour-policy run (EDM, CD or CT module, which exposes ``eval_actor()``)::
+
+    trainer:
+      callbacks:
+        - class_path: idql_cm.eval.callback.RolloutEvaluation
+          init_args: {critic_ckpt: runs/iql/last.ckpt, nfe: [1, 2, 4], episodes: 10, every_n_steps: 100000}
+
+During ``fit`` it evaluates every ``every_n_steps`` optimiser steps and once at the end of training (never twice
+for the same step); under ``validate`` (``idql-cm validate --ckpt_path ...``) it evaluates once, in
+``on_validation_epoch_end``. Each evaluation runs ``episodes`` episodes per NFE with the current EMA policy, logs
+``eval/nfe{k}/normalized_score`` (``_se``), ``eval/nfe{k}/return_mean`` and ``eval/nfe{k}/action_latency_ms``
+to the trainer's loggers at the global step, and writes ``eval_report.json`` / ``eval_report.md`` into
+``trainer.log_dir`` (rank 0). Under DDP the episodes are split across ranks (rank r runs a contiguous share, each
+episode keeping its global seed ``seed + i``) and the per-episode results are gathered on every rank before
+reporting, so a DDP evaluation equals a single-process one episode for episode (up to the policy's sampling noise).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from idql_cm.errors import ConfigError
+from idql_cm.eval.agent import SELECTIONS, IDQLAgent
+from idql_cm.eval.rollout import VECTOR_MODES, evaluate
+
+
+def resolve_env_id(name: str | None, version: str = "v5") -> str | None:
+    """A runnable gymnasium id for a task name, D4RL id, dataset path or gymnasium id; ``None`` if unknown.
+
+    Known locomotion families (halfcheetah / hopper / walker2d) map to their gymnasium ``version`` (``"v5"``) unless
+    ``name`` already is a runnable gymnasium id of that family (v2/v3 need mujoco_py and are mapped too); any other
+    registered gymnasium id is used as it is.
+    """
+    if not name:
+        return None
+    import gymnasium
+
+    from idql_cm.data.scores import gym_env_id, task_family
+
+    registered = name in gymnasium.registry
+    if not registered and task_family(name) is None and task_family(os.path.basename(name)) is not None:
+        name = os.path.basename(name)  # a dataset file such as /data/hopper_medium-v2.hdf5
+    if task_family(name) is not None:
+        if registered and not name.endswith(("-v2", "-v3")):
+            return name
+        return gym_env_id(name, version=version)
+    return name if registered else None
+
+
+def _split(episodes: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous share of ``episodes`` for ``rank``: ``(count, first global episode index)``."""
+    base, rem = divmod(episodes, world)
+    return base + (1 if rank < rem else 0), rank * base + min(rank, rem)
+
+
+class RolloutEvaluation(Callback):
+    """Evaluate the IDQL agent (behaviour policy + IQL critic) by MuJoCo rollouts at several NFEs.
+
+    Args:
+        critic_ckpt: IQL checkpoint whose critic re-ranks the candidates; ``None`` evaluates the behaviour policy
+            alone (behaviour cloning, one sample per state), which the report states (``"idql": false``).
+        nfe: network evaluations per action to evaluate, each a separate set of episodes.
+        episodes: episodes per NFE (split across DDP ranks).
+        num_envs: parallel environments (per rank).
+        num_candidates: candidates per state (IDQL's N; 256 in the reference).
+        temperature: softmax temperature T of ``softmax(T · advantage)`` (task-specific in the reference:
+            halfcheetah me 10 / m 400 / mr 100, see reference-spec §4).
+        selection: ``"softmax"`` (sample from softmax(T · adv), the reference's) or ``"argmax"`` (original IDQL).
+        every_n_steps: evaluate every this many optimiser steps during fit; 0 = only at the end of training.
+        env_id: gymnasium id to evaluate in; ``None`` derives it from the policy's ``env_id`` / ``task`` (e.g. a
+            D4RL id ``halfcheetah-medium-v2`` → ``HalfCheetah-v5``). If it cannot be derived the evaluation is
+            skipped with one log line.
+        env_version: gymnasium version used when mapping a D4RL task to an env id (``"v5"``; ``"v4"`` works).
+        vector_mode: ``"sync"`` (one process, fastest on few cores) or ``"async"`` (one process per env).
+        max_episode_steps: episode time limit (1000 as in D4RL).
+        record_video: record the first K episodes of each NFE (on rank 0) as MP4 into ``{log_dir}/videos`` (imageio-ffmpeg;
+            headless rendering with ``MUJOCO_GL=egl``, about 10 frames/s on a CPU); 0 = off.
+        seed: episode i of every NFE resets with seed + i (the same episodes for every NFE and checkpoint), and the
+            policy's sampling generator is seeded with it.
+        progress: a progress bar per NFE (rank 0).
+    """
+
+    def __init__(self, critic_ckpt: str | None = None, nfe: list[int] = [1, 2, 4], episodes: int = 10,  # noqa: B006
+                 num_envs: int = 10, num_candidates: int = 256, temperature: float = 100.0,
+                 selection: str = "softmax", every_n_steps: int = 0, env_id: str | None = None,
+                 env_version: str = "v5", vector_mode: str = "sync", max_episode_steps: int = 1000,
+                 record_video: int = 0, seed: int = 0, progress: bool = True) -> None:
+        super().__init__()
+        nfe = [int(k) for k in ([nfe] if isinstance(nfe, int) else nfe)]
+        if not nfe or any(k < 1 for k in nfe):
+            raise ConfigError(f"RolloutEvaluation.nfe: expected a non-empty list of integers >= 1, found {nfe}")
+        for name, value, low in (("episodes", episodes, 1), ("num_envs", num_envs, 1),
+                                 ("num_candidates", num_candidates, 1), ("every_n_steps", every_n_steps, 0),
+                                 ("max_episode_steps", max_episode_steps, 1), ("record_video", record_video, 0)):
+            if int(value) < low:
+                raise ConfigError(f"RolloutEvaluation.{name}: expected an integer >= {low}, found {value}")
+        if selection not in SELECTIONS:
+            raise ConfigError(f"RolloutEvaluation.selection: expected one of {SELECTIONS}, found {selection!r}")
+        if vector_mode not in VECTOR_MODES:
+            raise ConfigError(f"RolloutEvaluation.vector_mode: expected one of {VECTOR_MODES}, found {vector_mode!r}")
+        if float(temperature) < 0:
+            raise ConfigError(f"RolloutEvaluation.temperature: expected a number >= 0, found {temperature}")
+        self.critic_ckpt = critic_ckpt
+        self.nfe = list(dict.fromkeys(nfe))
+        self.episodes = int(episodes)
+        self.num_envs = int(num_envs)
+        self.num_candidates = int(num_candidates)
+        self.temperature = float(temperature)
+        self.selection = selection
+        self.every_n_steps = int(every_n_steps)
+        self.env_id = env_id
+        self.env_version = env_version
+        self.vector_mode = vector_mode
+        self.max_episode_steps = int(max_episode_steps)
+        self.record_video = int(record_video)
+        self.seed = int(seed)
+        self.progress = bool(progress)
+
+        self._critic: Any = None
+        self._critic_key: tuple | None = None
+        self._skip_reason: str | None = None
+        self._last_eval_step: int | None = None
+        self._last_bucket = 0
+        self._ckpt_step: int | None = None
+        self._bc_announced = False
+        self.last_report: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.env_id is not None and resolve_env_id(self.env_id, self.env_version) is None:
+            raise ConfigError(f"RolloutEvaluation.env_id: {self.env_id!r} is neither a gymnasium environment id nor "
+                              f"a known D4RL task (halfcheetah / hopper / walker2d)")
+        if self.record_video > 0:
+            os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco's renderer is first created
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Fail (or announce the skip) now rather than after hours of training.
+        actor = self._actor(pl_module)
+        if self._env_for(actor) is not None:
+            critic = self._get_critic(pl_module.device)
+            IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)  # size check
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._ckpt_step = checkpoint.get("global_step")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.every_n_steps > 0:  # resuming at step s: the next evaluation is at the next multiple, not at once
+            self._last_bucket = int(trainer.global_step) // self.every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.every_n_steps <= 0:
+            return
+        step = int(trainer.global_step)
+        bucket = step // self.every_n_steps  # robust to optimisers that advance global_step by more than 1
+        if step > 0 and bucket > self._last_bucket:
+            self._last_bucket = bucket
+            self.run_evaluation(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        step = int(trainer.global_step)
+        if self._last_eval_step != step:
+            self.run_evaluation(trainer, pl_module, step)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(trainer.state.fn, "value", trainer.state.fn) != "validate" or trainer.sanity_checking:
+            return
+        step = self._ckpt_step if self._ckpt_step is not None else int(trainer.global_step)
+        self.run_evaluation(trainer, pl_module, int(step))
+
+    # -------------------------------------------------------------------------------------------- pieces
+    @staticmethod
+    def _actor(pl_module):
+        if not callable(getattr(pl_module, "eval_actor", None)):
+            raise ConfigError(f"RolloutEvaluation needs a behaviour-policy module with eval_actor() (EDM, CD or CT), "
+                              f"found {type(pl_module).__name__}")
+        return pl_module.eval_actor()
+
+    def _env_for(self, actor) -> str | None:
+        """The gymnasium id to evaluate in, or None after announcing (once) why evaluation is skipped."""
+        if self._skip_reason is not None:
+            return None
+        if self.env_id is not None:
+            return resolve_env_id(self.env_id, self.env_version)
+        env_id, task = getattr(actor, "env_id", None), getattr(actor, "task", None)
+        for name in (env_id, task):
+            resolved = resolve_env_id(name, self.env_version)
+            if resolved is not None:
+                return resolved
+        self._skip_reason = (f"RolloutEvaluation: skipping rollouts: no environment for this policy (env_id="
+                             f"{env_id!r}, task={task!r} is not a known D4RL task or gymnasium id); set "
+                             f"RolloutEvaluation.env_id to evaluate")
+        rank_zero_info(self._skip_reason)
+        return None
+
+    @staticmethod
+    def _load_critic_from(path: str, device):
+        from idql_cm.modules.artifacts import load_critic  # lazy: the modules layer sits above eval's imports
+
+        return load_critic(path, device=device)
+
+    def _get_critic(self, device):
+        if self.critic_ckpt is None:
+            return None
+        key = (str(self.critic_ckpt), str(device))
+        if self._critic_key != key:
+            self._critic = self._load_critic_from(str(self.critic_ckpt), device)
+            self._critic_key = key
+        return self._critic
+
+    @staticmethod
+    def _gather(trainer, roll: dict[str, Any]) -> dict[str, Any]:
+        """All ranks' per-episode results, in rank order (= global episode order)."""
+        parts = [roll]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, roll)
+        out: dict[str, Any] = {"nfe": roll["nfe"], "env_id": roll["env_id"]}
+        for key in ("returns", "lengths", "unstable", "videos"):
+            out[key] = [x for p in parts for x in p.get(key, [])]
+        out["seconds"] = max(p.get("seconds", 0.0) for p in parts)
+        calls = sum(p.get("policy_calls", 0) for p in parts)
+        out["action_latency_ms"] = (sum(p.get("action_latency_ms", 0.0) * p.get("policy_calls", 0) for p in parts)
+                                    / calls if calls else float("nan"))
+        out["policy_calls"] = calls
+        out["env_steps"] = sum(p.get("env_steps", 0) for p in parts)
+        out["env_steps_per_second"] = out["env_steps"] / out["seconds"] if out["seconds"] > 0 else float("nan")
+        out["num_envs"] = sum(p.get("num_envs", 0) for p in parts)
+        out["seed"] = parts[0].get("seed")
+        return out
+
+    def _log_video(self, trainer, path: str, tag: str, step: int) -> None:
+        rank_zero_info(f"RolloutEvaluation: video {path}")
+        exp = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        if exp is None or not hasattr(exp, "add_text"):
+            return
+        try:
+            if importlib.util.find_spec("moviepy") is not None and hasattr(exp, "add_video"):
+                import imageio.v2 as imageio
+                import numpy as np
+
+                frames = np.stack(imageio.mimread(path, memtest=False))  # [T, H, W, C]
+                vid = torch.from_numpy(frames).permute(0, 3, 1, 2).unsqueeze(0)  # [1, T, C, H, W]
+                exp.add_video(tag, vid, global_step=step, fps=20)
+            else:  # TensorBoard's add_video needs moviepy: log where the MP4 is instead
+                exp.add_text(tag, f"`{path}`", global_step=step)
+        except Exception as e:  # noqa: BLE001 - optional: never break training for a video
+            rank_zero_warn(f"RolloutEvaluation: could not log {path} to TensorBoard ({type(e).__name__}: {e})")
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def run_evaluation(self, trainer, pl_module, step: int) -> dict[str, Any] | None:
+        """Evaluate every NFE at ``step``; returns the report on rank 0 (None elsewhere or when skipped)."""
+        from idql_cm.eval.report import build_report, nfe_result, write_report
+
+        self._last_eval_step = int(step)
+        actor = self._actor(pl_module)
+        env_id = self._env_for(actor)
+        if env_id is None:
+            return None
+        device = pl_module.device
+        critic = self._get_critic(device)
+        agent = IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        n_local, first = _split(self.episodes, world, rank)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
+        log_dir = str(log_dir or trainer.default_root_dir)
+        video_dir = os.path.join(log_dir, "videos")
+        task = getattr(actor, "task", None) or getattr(actor, "env_id", None) or self.env_id
+        if critic is None and not self._bc_announced:
+            self._bc_announced = True
+            rank_zero_info("RolloutEvaluation: no critic_ckpt: evaluating the behaviour policy alone "
+                           "(behaviour cloning, one sample per state)")
+
+        results = []
+        was_training = pl_module.training
+        pl_module.eval()
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+                for k in self.nfe:
+                    if n_local > 0:
+                        roll = evaluate(agent, env_id, episodes=n_local, num_envs=min(self.num_envs, n_local), nfe=k,
+                                        seed=self.seed + first, vector_mode=self.vector_mode,
+                                        max_episode_steps=self.max_episode_steps,
+                                        progress=self.progress and rank == 0,
+                                        record_episodes=min(self.record_video, n_local) if rank == 0 else 0,
+                                        video_dir=video_dir, video_prefix=f"step{step}_nfe{k}",
+                                        desc=f"eval step {step} NFE {k}")
+                    else:  # more ranks than episodes
+                        roll = {"nfe": k, "env_id": env_id, "returns": [], "seconds": 0.0}
+                    gathered = self._gather(trainer, roll)
+                    if rank == 0:
+                        results.append(nfe_result(gathered, task))
+        finally:
+            pl_module.train(was_training)
+        if rank != 0:
+            return None
+
+        report = build_report(
+            results, task=task, env_id=env_id, backbone=getattr(actor, "kind", None), step=int(step),
+            critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
+            temperature=self.temperature, num_candidates=self.num_candidates,
+            mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
+            checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
+            episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
+            max_episode_steps=self.max_episode_steps, world_size=world,
+            train_seed=int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None,
+        )
+        metrics: dict[str, float] = {}
+        for r in results:
+            k = r["nfe"]
+            for name, key in (("normalized_score", "normalized_score_mean"), ("normalized_score_se", "normalized_score_se"),
+                              ("return_mean", "return_mean"), ("action_latency_ms", "action_latency_ms")):
+                if r.get(key) is not None:
+                    metrics[f"eval/nfe{k}/{name}"] = float(r[key])
+            if r["unstable_episodes"]:
+                metrics[f"eval/nfe{k}/unstable_episodes"] = float(r["unstable_episodes"])
+            score = r.get("normalized_score_mean")
+            rank_zero_info(
+                f"RolloutEvaluation step {step} NFE {k}: "
+                + (f"normalised score {score:.1f} ± {r['normalized_score_se'] or 0:.1f}, " if score is not None else "")
+                + (f"return {r['return_mean']:.1f}" if r["return_mean"] is not None else "no stable episode")
+                + f" ({r['episodes']} episodes, {r['unstable_episodes']} unstable, {r['seconds']:.1f} s, "
+                  f"{r['action_latency_ms']:.2f} ms/action)")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=int(step))
+            logger.save()
+        for r in results:
+            for i, path in enumerate(r.get("videos", [])):
+                self._log_video(trainer, path, f"eval/nfe{r['nfe']}/video{i}", int(step))
+        jpath, _ = write_report(report, log_dir)
+        rank_zero_info(f"RolloutEvaluation: wrote {jpath}")
+        self.last_report = report
+        return report
