@@ -1,0 +1,321 @@
+"""``TDDataModule``: qlearning transitions on the training device, sampled by random index.
+
+The whole dataset sits on the device as five float32 tensors; a batch is ``torch.randint`` indices plus
+``index_select`` (one kernel per key, no host sync, no per-item ``__getitem__`` / collate, no worker processes).
+This replaces the reference's shuffled ``DataLoader`` + ``loop_dataloader`` (reference-spec §3.3): both draw
+uniform batches from the transitions; the reference draws without replacement within an epoch, this draws with
+replacement (the standard for TD learning: CORL, JAX-CORL).
+
+Reproducibility without saved sampler state: the batch of step ``s`` on rank ``r`` comes from a generator seeded
+with a hash of ``(seed, r, s)``. The step counter starts, when iteration starts, at the number of training batches
+the trainer has already consumed (``trainer.fit_loop.epoch_loop.batch_progress.total.ready``, restored from a
+checkpoint on resume; it equals ``trainer.global_step`` with one optimiser and no gradient accumulation, and stays
+right when a manual-optimisation module steps two optimisers per batch). So a run resumed at step N draws exactly
+the batches an uninterrupted run draws from step N on, and ranks draw different batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from idql_cm.data.d4rl import d4rl_task_of, iql_reward_scale, load_d4rl, read_env_id, resolve_source
+from idql_cm.data.normalizer import ObsNormalizer
+from idql_cm.data.scores import task_family
+from idql_cm.errors import ConfigError, DataError
+
+__all__ = ["BATCH_KEYS", "SingleBatchLoader", "TDBatchIterable", "TDDataModule", "resolve_seed", "step_seed"]
+
+BATCH_KEYS = ("obs", "act", "rew", "next_obs", "tml")
+REWARD_SCALES = ("none", "iql_locomotion")
+OUT_OF_BOUNDS = ("clip", "error")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The generator seed of the batch at ``step`` on ``rank``: a 63-bit BLAKE2b hash of ``(seed, rank, step)``."""
+    digest = hashlib.blake2b(struct.pack("<qqq", int(seed), int(rank), int(step)), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed`` if given, else the seed ``lightning.seed_everything`` recorded (``PL_GLOBAL_SEED``), else 0."""
+    if seed is not None:
+        return int(seed)
+    try:
+        return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+    except ValueError:
+        return 0
+
+
+def _consumed_batches(trainer) -> int:
+    """Training batches the trainer has already drawn (0 without a trainer)."""
+    if trainer is None:
+        return 0
+    try:
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+    except AttributeError:
+        return int(getattr(trainer, "global_step", 0))
+
+
+class TDBatchIterable:
+    """An endless iterable of batches ``{obs, act, rew [B,1], next_obs, tml [B,1]}`` drawn uniformly by index.
+
+    Each ``iter()`` starts at step ``start_step()`` (read when iteration starts) and yields the batch of step s from a
+    generator seeded with ``step_seed(seed, rank, s)``; :meth:`batch_at` gives any step's batch directly.
+
+    Args:
+        tensors: ``{key: Tensor[N, ...]}`` on one device (keys :data:`BATCH_KEYS`).
+        batch_size: rows per batch.
+        seed: base seed; ``rank``: this process's rank.
+        start_step: callable returning the first step (default 0).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int = 0, start_step=None):
+        self.tensors = tensors
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.start_step = start_step or (lambda: 0)
+        first = next(iter(tensors.values()))
+        self.num_rows = int(first.shape[0])
+        self.device = first.device
+        self._gen = torch.Generator(device=self.device)
+
+    def _draw(self, step: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        gen.manual_seed(step_seed(self.seed, self.rank, step))  # host-side: no device sync
+        idx = torch.randint(self.num_rows, (self.batch_size,), generator=gen, device=self.device)
+        return {key: t.index_select(0, idx) for key, t in self.tensors.items()}
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch this iterable yields at ``step``."""
+        return self._draw(step, torch.Generator(device=self.device))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        step = int(self.start_step())
+        gen = self._gen
+        while True:
+            yield self._draw(step, gen)
+            step += 1
+
+
+class TDDataModule(L.LightningDataModule):
+    """Offline TD data for IQL / EDM / CD / CT training (reference-spec §5.1).
+
+    Observations and next observations are normalised with the dataset's population mean/std
+    (:class:`ObsNormalizer`, also used at evaluation and stored in checkpoints); actions are kept raw (checked
+    against ``action_bounds``); rewards are optionally scaled. ``train_dataloader()`` is an endless iterable of
+    batches sampled on the training device (see the module docstring for the reproducibility contract); run with
+    ``max_steps``.
+
+    Args:
+        dataset: the data: a D4RL id (``halfcheetah-medium-v2``, read from ``$D4RL_DATASET_DIR``), a path to a
+            D4RL-layout HDF5 file (e.g. written by ``idql-cm collect``), or ``minari:<dataset id>``.
+        batch_size: transitions per training batch.
+        reward_scale: ``"none"`` keeps the rewards; ``"iql_locomotion"`` multiplies them by
+            1000 / (max − min episode return) (the IQL/CleanDiffuser rule, episodes split at terminals or every 1000
+            rows; a dataset with fewer than two such episodes keeps its rewards, with a warning).
+        seed: base seed of the batch sampler; None takes the seed given to ``lightning.seed_everything``
+            (``PL_GLOBAL_SEED``), else 0.
+        action_bounds: actions are expected in [-action_bounds, action_bounds] (the policy's output range).
+        out_of_bounds: what to do with actions outside the bounds: ``"clip"`` them (one warning with the count) or
+            ``"error"`` (raise DataError).
+        device: where the dataset tensors live and batches are made, e.g. ``"cuda:0"``; None uses the trainer's root
+            device (CPU when used without a trainer).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        batch_size: int = 256,
+        reward_scale: str = "none",
+        seed: int | None = None,
+        action_bounds: float = 1.0,
+        out_of_bounds: str = "clip",
+        device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dataset, (str, os.PathLike)) or not str(dataset).strip():
+            raise ConfigError(f"data.dataset: expected a D4RL id, an HDF5 path or 'minari:<id>', found {dataset!r}")
+        if int(batch_size) < 1:
+            raise ConfigError(f"data.batch_size: expected a positive integer, found {batch_size!r}")
+        if reward_scale not in REWARD_SCALES:
+            raise ConfigError(f"data.reward_scale: expected one of {', '.join(REWARD_SCALES)}, found {reward_scale!r}")
+        if out_of_bounds not in OUT_OF_BOUNDS:
+            raise ConfigError(f"data.out_of_bounds: expected one of {', '.join(OUT_OF_BOUNDS)}, found {out_of_bounds!r}")
+        if not float(action_bounds) > 0:
+            raise ConfigError(f"data.action_bounds: expected a positive number, found {action_bounds!r}")
+        dataset = str(dataset)  # a Path in the saved hyper-parameters would break weights_only checkpoint loading
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.reward_scale = reward_scale
+        self.seed = seed
+        self.action_bounds = float(action_bounds)
+        self.out_of_bounds = out_of_bounds
+        self.device = device
+        self._arrays: dict[str, np.ndarray] | None = None
+        self._normalizer: ObsNormalizer | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._env_id: Any = _UNSET
+
+    # ----------------------------------------------------------------------------------------- lazy dataset
+    @property
+    def source_path(self) -> str:
+        """The file (or ``minari:<id>``) the dataset is read from."""
+        return str(resolve_source(self.dataset))
+
+    def _load(self) -> dict[str, np.ndarray]:
+        if self._arrays is not None:
+            return self._arrays
+        where = self.source_path
+        data = load_d4rl(self.dataset)
+        act = data["actions"]
+        b = self.action_bounds
+        outside = np.abs(act) > b
+        n_out = int(outside.sum())
+        if n_out:
+            worst = float(np.abs(act).max())
+            if self.out_of_bounds == "error":
+                raise DataError(
+                    f"{where}: key 'actions': expected values in [-{b:g}, {b:g}], found {n_out} of {act.size} entries "
+                    f"outside (max |a| = {worst:.6g}); set data.out_of_bounds=clip or data.action_bounds"
+                )
+            warnings.warn(
+                f"{where}: key 'actions': {n_out} of {act.size} entries lie outside [-{b:g}, {b:g}] "
+                f"(max |a| = {worst:.6g}); clipped to the bounds",
+                stacklevel=3,
+            )
+            act = np.clip(act, -b, b)
+        rew = data["rewards"]
+        if self.reward_scale == "iql_locomotion":
+            try:
+                rew = iql_reward_scale(rew, data["terminals"], 1000, where=where)
+            except DataError as exc:
+                # A tiny dataset (a smoke test, a few hundred collected steps) has no return range; the reference
+                # would crash on min([]). Train on the raw rewards instead, and say so.
+                warnings.warn(f"{exc}; rewards left unscaled", stacklevel=3)
+        norm = ObsNormalizer.from_data(data["observations"])
+        self._normalizer = norm
+        self._arrays = {
+            "obs": norm.normalize(data["observations"]).astype(np.float32, copy=False),
+            "act": act.astype(np.float32, copy=False),
+            "rew": rew.astype(np.float32, copy=False).reshape(-1, 1),
+            "next_obs": norm.normalize(data["next_observations"]).astype(np.float32, copy=False),
+            "tml": data["terminals"].astype(np.float32).reshape(-1, 1),
+        }
+        return self._arrays
+
+    @property
+    def obs_dim(self) -> int:
+        """Observation size (loads the dataset on first use)."""
+        return int(self._load()["obs"].shape[1])
+
+    @property
+    def act_dim(self) -> int:
+        """Action size (loads the dataset on first use)."""
+        return int(self._load()["act"].shape[1])
+
+    @property
+    def num_transitions(self) -> int:
+        """Number of qlearning transitions (loads the dataset on first use)."""
+        return int(self._load()["obs"].shape[0])
+
+    @property
+    def normalizer(self) -> ObsNormalizer:
+        """The observation normaliser of the dataset (loads the dataset on first use)."""
+        self._load()
+        assert self._normalizer is not None
+        return self._normalizer
+
+    @property
+    def env_id(self) -> str | None:
+        """The environment the data came from (:func:`read_env_id`: a gym id, a D4RL family, or None)."""
+        if self._env_id is _UNSET:
+            self._env_id = read_env_id(self.dataset)
+        return self._env_id
+
+    @property
+    def task(self) -> str | None:
+        """The task used for normalised scores: the D4RL id when the data is a D4RL dataset, else the family of
+        ``env_id`` (``"halfcheetah"`` for HalfCheetah-v5 data), else None."""
+        task = d4rl_task_of(self.dataset)
+        if task is not None:
+            return task
+        return task_family(self.env_id)
+
+    # ------------------------------------------------------------------------------------------ device tensors
+    def _target_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (once), normalise, scale, and put the five float32 tensors on the device."""
+        device = self._target_device()
+        if self._tensors is not None and next(iter(self._tensors.values())).device == device:
+            return
+        arrays = self._load()
+        self._tensors = {key: torch.from_numpy(np.ascontiguousarray(arrays[key])).to(device) for key in BATCH_KEYS}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The dataset tensors ``obs, act, rew [N,1], next_obs, tml [N,1]`` (calls ``setup`` if needed)."""
+        if self._tensors is None:
+            self.setup()
+        assert self._tensors is not None
+        return self._tensors
+
+    def _rank(self) -> int:
+        trainer = self.trainer
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def train_dataloader(self) -> TDBatchIterable:
+        """Endless batches ``{obs, act, rew [B,1], next_obs, tml [B,1]}`` on the device (not a DataLoader)."""
+        return TDBatchIterable(
+            self.tensors,
+            self.batch_size,
+            seed=resolve_seed(self.seed),
+            rank=self._rank(),
+            start_step=lambda: _consumed_batches(self.trainer),
+        )
+
+    def val_dataloader(self) -> SingleBatchLoader:
+        """A loader of one tiny batch (the first transition, B = 1), so that ``trainer.validate`` and validation
+        during fit run the validation hooks exactly once: the evaluation callback (environment rollouts) hooks into
+        the validation epoch, and there is no held-out data to score. (A bare ``[batch]`` would not do: Lightning
+        reads a list as several loaders.)"""
+        return SingleBatchLoader({key: t[:1] for key, t in self.tensors.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+class SingleBatchLoader:
+    """An iterable of exactly one batch, with ``len() == 1`` (see :meth:`TDDataModule.val_dataloader`)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield self.batch
+
+    def __len__(self) -> int:
+        return 1
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
