@@ -116,9 +116,10 @@ class BehaviourModule(IDQLModule):
         if not self.guard_finite("loss", loss):
             return None
         if self.should_log():
-            self.log("train/loss", loss, prog_bar=True)
+            # sync_dist: with DDP the logged value is the mean over ranks (an all-reduce on log steps only)
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
             for k, v in extra.items():
-                self.log(f"train/{k}", v)
+                self.log(f"train/{k}", v, sync_dist=True)
         return loss
 
 

@@ -82,8 +82,8 @@ class IQLModule(IDQLModule):
         if self.should_log():
             self.log_dict({"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": q1.mean(),
                            "train/v_mean": v.mean(), "train/adv_mean": (q_t - v).mean(),
-                           "train/td_target_mean": td_target.mean()})
-            self.log("train/loss", loss, prog_bar=True)
+                           "train/td_target_mean": td_target.mean()}, sync_dist=True)
+            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

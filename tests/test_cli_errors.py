@@ -1,0 +1,86 @@
+"""Bad input through the real command: one line on stderr, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
+from tests.synth import write_d4rl_file
+
+
+def _one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("idql-cm: error:")]
+    assert len(lines) == 1, err[-2000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return str(write_d4rl_file(tmp_path_factory.mktemp("d") / "c.hdf5", n_episodes=2, episode_len=40,
+                               obs_dim=17, act_dim=6))
+
+
+def test_missing_dataset_file(tmp_path):
+    missing = tmp_path / "nowhere.hdf5"
+    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--data.dataset", str(missing),
+                               "--trainer.default_root_dir", str(tmp_path / "run")])
+    _one_line_error(proc, str(missing))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_d4rl_file_names_file_and_folder(tmp_path):
+    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "hopper-medium-v2" / "iql.yaml"),
+                               "--trainer.default_root_dir", str(tmp_path / "run")],
+                              env={"D4RL_DATASET_DIR": str(tmp_path)})
+    _one_line_error(proc, "hopper_medium-v2.hdf5", str(tmp_path))
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"),
+                               "--data.dataset", str(tmp_path / "x.hdf5")], env={"IDQL_CM_DEBUG": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_wrong_checkpoint_kind_is_refused_before_training(dataset, tmp_path):
+    cfg = shrink_config(CONFIGS / "demo" / "iql.yaml", tmp_path / "iql.yaml", tmp_path / "iql", dataset, steps=2)
+    assert run_cli_subprocess(["fit", "--config", str(cfg)]).returncode == 0
+    iql_ckpt = tmp_path / "iql" / "checkpoints" / "last.ckpt"
+    edm = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", dataset, steps=2,
+                        keep_eval=False)
+    proc = run_cli_subprocess(["fit", "--config", str(edm), "--ckpt_path", str(iql_ckpt)])
+    _one_line_error(proc, "--ckpt_path", "edm", "iql")
+    assert not (tmp_path / "edm" / "checkpoints").exists()
+
+
+def test_not_a_checkpoint(dataset, tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"this is not a checkpoint")
+    edm = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", dataset, steps=2,
+                        keep_eval=False)
+    _one_line_error(run_cli_subprocess(["fit", "--config", str(edm), "--ckpt_path", str(bogus)]), str(bogus))
+
+
+def test_missing_teacher_for_cd(dataset, tmp_path):
+    cd = shrink_config(CONFIGS / "demo" / "cd.yaml", tmp_path / "cd.yaml", tmp_path / "run" / "cd", dataset, steps=2,
+                       keep_eval=False)
+    _one_line_error(run_cli_subprocess(["fit", "--config", str(cd)]), "teacher_ckpt",
+                    str(Path(tmp_path / "run" / "edm" / "checkpoints" / "last.ckpt")))
+
+
+def test_unknown_config_key_and_wrong_type(tmp_path):
+    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--model.init_args.gamma", "1"])
+    assert proc.returncode != 0 and "gamma" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--trainer.max_steps", "many"])
+    assert proc.returncode != 0 and "max_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = run_cli_subprocess(["fit", "--config", str(tmp_path / "nope.yaml")])
+    assert proc.returncode != 0 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
