@@ -90,7 +90,7 @@ class BehaviourModule(IDQLModule):
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         decay = self.ema.decay(self.global_step)
         ema_update_(self.ema_model, self.model, decay)
         if self.should_log():

@@ -140,6 +140,15 @@ class IDQLModule(pl.LightningModule):
         # Randomness of step k is a function of (seed, rank, k): exact resume without saved RNG state.
         torch.manual_seed(step_seed(global_seed(), self.global_rank, self.global_step, stream=1))
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Inside the step, not in on_train_batch_end: callbacks (ModelCheckpoint) run their
+        # on_train_batch_end first, and a checkpoint must hold the EMA / target of the step it is named for.
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """EMA / target-network update; subclasses override."""
+
     def should_log(self) -> bool:
         """True on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``).
 

@@ -86,7 +86,7 @@ class IQLModule(IDQLModule):
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_optimizer_step(self) -> None:
         torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.tau)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
