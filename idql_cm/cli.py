@@ -52,17 +52,25 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             cfg = self.config.get(sub, self.config) if sub else self.config
             root = _get(cfg, "trainer.default_root_dir") or os.getcwd()
             _substitute_root(cfg, os.path.normpath(root))
-            ckpt = cfg.get("ckpt_path") if hasattr(cfg, "get") else None
-            if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-                # Refuse a wrong --ckpt_path before any data is loaded or any step is run.
-                from idql_cm.modules.artifacts import read_checkpoint
-
-                kind = _kind_of(cfg.model.class_path if hasattr(cfg.model, "class_path") else str(cfg.model))
-                read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")
             teacher = _get(cfg, "model.init_args.teacher_ckpt")
             if teacher is not None and not os.path.isfile(teacher):
                 raise ConfigError(f"model.init_args.teacher_ckpt: no EDM checkpoint at {teacher} "
                                   "(train the EDM stage first: idql-cm fit --config configs/<task>/edm.yaml)")
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI replaces the configured model by the one recorded in a --ckpt_path file, so a
+            # wrong checkpoint would silently swap the model: check it against the config first, before any
+            # data is loaded or any step is run.
+            sub = self.config.get("subcommand")
+            cfg = self.config.get(sub) if sub else None
+            ckpt = cfg.get("ckpt_path") if cfg is not None else None
+            if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
+                from idql_cm.modules.artifacts import read_checkpoint
+
+                model = cfg.get("model")
+                kind = _kind_of(str(getattr(model, "class_path", model)))
+                read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")
+            super()._parse_ckpt_path()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
             root = config.get("default_root_dir") or os.getcwd()
