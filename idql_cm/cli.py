@@ -40,13 +40,34 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """Create the LightningCLI (``args`` lets tests drive it in-process)."""
     import lightning.pytorch as pl
     import torch
+    from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from idql_cm.data.datamodule import TDDataModule
     from idql_cm.modules.common import IDQLModule
 
+    class IDQLParser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            # jsonargparse prints the whole usage (60 lines) before its message: say the message in one line
+            # (IDQL_CM_DEBUG=1 keeps jsonargparse's full output).
+            if _debug():
+                return super().error(message, ex)
+            raise ParserConfigError(message) from ex
+
     class IDQLCLI(LightningCLI):
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            self.parser_class = IDQLParser
+            return super().init_parser(**kwargs)
+
+        def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except ParserConfigError as e:
+                argv = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []
+                sub = next((a for a in argv if isinstance(a, str) and a in LIGHTNING_SUBCOMMANDS), "")
+                raise ConfigError(_short_parser_message(e.message, sub)) from e
+
         def before_instantiate_classes(self) -> None:
             sub = self.subcommand
             cfg = self.config.get(sub, self.config) if sub else self.config
@@ -69,8 +90,40 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
                 model = cfg.get("model")
                 kind = _kind_of(str(getattr(model, "class_path", model)))
-                read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")
+                self._ckpt_meta = read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")["idql_cm"]
             super()._parse_ckpt_path()
+
+        def _preflight(self) -> None:
+            """Everything a run needs, checked before anything is written (no log folder, no checkpoints): the
+            data (read and validated once, kept for the run), the partner checkpoints of the model (CD teacher)
+            and of the callbacks (RolloutEvaluation critic), and a --ckpt_path file, against the data."""
+            dm = self.datamodule
+            if not isinstance(dm, TDDataModule):
+                return
+            dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
+            if callable(getattr(self.model, "preflight", None)):
+                self.model.preflight(dm)
+            for cb in self.trainer.callbacks:
+                if callable(getattr(cb, "preflight", None)):
+                    cb.preflight(self.model, dm)
+            meta = getattr(self, "_ckpt_meta", None)
+            if meta is not None:
+                from idql_cm.modules.artifacts import check_fits_data
+
+                fitting = self.subcommand == "fit"
+                norm = dm.normalizer
+                check_fits_data(meta, "--ckpt_path", str(self.config[self.subcommand].get("ckpt_path")),
+                                int(dm.obs_dim), int(dm.act_dim), torch.as_tensor(norm.mean) if fitting else None,
+                                torch.as_tensor(norm.std) if fitting else None, str(dm.dataset))
+
+        def before_fit(self) -> None:
+            self._preflight()
+
+        def before_validate(self) -> None:
+            self._preflight()
+
+        def before_test(self) -> None:
+            self._preflight()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
             root = config.get("default_root_dir") or os.getcwd()
@@ -88,13 +141,24 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 # A fixed folder (no version_N) so reports, checkpoints and TensorBoard files of a stage
                 # stay in one predictable place across resumes.
                 config["logger"] = TensorBoardLogger(save_dir=root, name="", version="", default_hp_metric=False)
-            trainer = super()._instantiate_trainer(config, callbacks)
+            plugins = config.get("plugins")
+            plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            if not any(isinstance(p, CheckpointIO) for p in plugins):
+                from idql_cm.modules.artifacts import AtomicCheckpointIO
+
+                # A kill or power cut during a save must not leave a truncated last.ckpt (see AtomicCheckpointIO).
+                plugins.append(AtomicCheckpointIO())
+            config["plugins"] = plugins
+            from idql_cm.modules.callbacks import FinalCheckpoint
+
+            trainer = super()._instantiate_trainer(config, [*callbacks, FinalCheckpoint()])
             for cb in trainer.callbacks:
                 if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                     cb.dirpath = os.path.join(root, "checkpoints")
             return trainer
 
     _quiet_warnings()
+    _one_line_data_warnings()
     return IDQLCLI(
         model_class=IDQLModule,
         subclass_mode_model=True,
@@ -106,6 +170,57 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         args=args,
         run=run,
     )
+
+
+def _one_line_data_warnings() -> None:
+    """Print data repairs (DataWarning: clipped actions, unscaled rewards) as one ``idql-cm: warning:`` line."""
+    import warnings
+
+    from idql_cm.data.d4rl import DataWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_idql_cm", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, DataWarning):
+            print(f"idql-cm: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._idql_cm = True
+    warnings.showwarning = show
+
+
+class ParserConfigError(ConfigError, argparse.ArgumentError):
+    """A command-line or config-file mistake found by jsonargparse (an ArgumentError to jsonargparse itself, which
+    catches those while it tries the alternatives of a union)."""
+
+    def __init__(self, message: str) -> None:
+        argparse.ArgumentError.__init__(self, None, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+#: jsonargparse explanation lines that say nothing the remaining lines do not
+_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+                 "Expected a <class 'NoneType'>", "Given value type:", "Given value:")
+
+
+def _short_parser_message(message: str, subcommand: str = "") -> str:
+    """jsonargparse's multi-line message as one line, with a hint for the options or the expected file."""
+    kept: list[str] = []
+    for ln in str(message).splitlines():
+        ln = ln.strip()
+        ln = ln[2:] if ln.startswith("- ") else ln
+        if ln and not ln.startswith(_PARSER_NOISE) and ln not in kept:
+            kept.append(ln)
+    text = " ".join(kept)
+    if "required:" in text and "data.dataset" in text:
+        text += (" (expected data.dataset: a D4RL id like halfcheetah-medium-v2, the path of a D4RL-layout HDF5 file, "
+                 "or minari:<dataset id>)")
+    return f"{text} (idql-cm {subcommand + ' ' if subcommand else ''}--help lists the options)"
 
 
 def _get(cfg, dotted: str):
@@ -161,11 +276,12 @@ def _aux_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in ("collect", "report"):
             return _aux_main(argv)
-        build_cli(argv)
+        build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return 0
     except IDQLError as e:
         if _debug():

@@ -46,10 +46,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = cfg
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    cur: Any = cfg
+    for p in parts[:-1]:  # integers index lists: trainer.callbacks.0.init_args.every_n_train_steps
+        cur = cur[p] if isinstance(p, int) else cur.setdefault(p, {})
     cur[parts[-1]] = value
 
 

@@ -99,5 +99,7 @@ def assemble(out: str | Path, dataset: str | None = None, timings: list[dict] | 
     (out / "report.md").write_text(text)
     payload = {"reports": reports, "dataset": level, "timings": timings, "total_seconds": total_seconds}
     (out / "report.json").write_text(json.dumps(payload, indent=2))
-    plot_scores(reports, out / "scores.png", curves=curves or None)
+    ref = ({"dataset mean": level["normalized_score_mean"]}
+           if level and level.get("normalized_score_mean") is not None else None)
+    plot_scores(reports, out / "scores.png", curves=curves or None, reference=ref)
     return text

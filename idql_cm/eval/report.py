@@ -351,9 +351,10 @@ def merge_seeds(reports_by_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dic
 
 
 def plot_scores(reports: Sequence[dict[str, Any]], path: str | os.PathLike,
-                curves: dict[str, Any] | None = None) -> Path:
+                curves: dict[str, Any] | None = None, reference: dict[str, float] | None = None) -> Path:
     """Save a PNG: normalised score vs NFE per backbone with SE error bars (one panel per task), and beside it one
-    panel per entry of ``curves`` (``title -> [(step, value), ...]`` or ``title -> {label: [(step, value)]}``)."""
+    panel per entry of ``curves`` (``title -> [(step, value), ...]`` or ``title -> {label: [(step, value)]}``).
+    ``reference`` draws horizontal lines (``label -> score``) on the score panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: never touches pyplot's backend
     from matplotlib.figure import Figure
 
@@ -381,6 +382,8 @@ def plot_scores(reports: Sequence[dict[str, Any]], path: str | os.PathLike,
             col = _column(r)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=4, label=col, color=colors.get(col.split()[0]),
                         linestyle="-" if r.get("idql", True) else "--")
+        for ref_label, ref_value in (reference or {}).items():  # e.g. the dataset's own level
+            ax.axhline(ref_value, color="grey", linestyle=":", label=ref_label)
         ax.set_xscale("log", base=2)
         if all_nfe:
             ax.set_xticks(sorted(all_nfe))
