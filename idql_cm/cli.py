@@ -31,7 +31,8 @@ def _quiet_warnings() -> None:
     for pat in (".*does not have many workers.*", ".*The number of training batches.*",
                 ".*`isinstance\\(treespec, LeafSpec\\)`.*", ".*Total length of `.*` across ranks is zero.*",
                 ".*The `srun` command is available.*", ".*You defined a `validation_step` but have no.*",
-                ".*Your `IterableDataset` has `__len__` defined.*", ".*sanity.*"):
+                ".*Your `IterableDataset` has `__len__` defined.*", ".*sanity.*",
+                ".*module\\(s\\) in eval mode at the start of training.*"):  # the EMA copy, deliberately
         warnings.filterwarnings("ignore", message=pat)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import secrets
 import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from idql_cm.diffusion.consistency import ConsistencyModel, cm_sample
 from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
@@ -48,6 +51,115 @@ def read_checkpoint(path: str, expect_kind: str | tuple[str, ...] | None = None,
         raise CheckpointError(f"{what}: expected a {' or '.join(kinds)} checkpoint, {path} is a "
                               f"'{meta.get('kind')}' checkpoint")
     return ckpt
+
+
+def check_fits_data(meta: dict[str, Any], what: str, path: str, obs_dim: int, act_dim: int,
+                    obs_mean: torch.Tensor | None = None, obs_std: torch.Tensor | None = None,
+                    dataset: str | None = None) -> None:
+    """Refuse a checkpoint (payload ``meta``, read from ``path`` given as ``what``) trained on other data.
+
+    Other observation / action sizes, or (when ``obs_mean`` / ``obs_std`` are given) another observation
+    normaliser, i.e. another dataset, raise a :class:`CheckpointError` naming both sides.
+    """
+    src = meta.get("dataset")
+    if (meta.get("obs_dim"), meta.get("act_dim")) != (obs_dim, act_dim):
+        raise CheckpointError(f"{what}: {path} has obs/act size {meta.get('obs_dim')}/{meta.get('act_dim')} "
+                              f"(trained on {src}), the data {dataset} has {obs_dim}/{act_dim}")
+    if obs_mean is None:
+        return
+    norm = meta.get("normalizer") or {}
+    mean = torch.as_tensor(norm.get("mean", []), dtype=torch.float32).reshape(-1)
+    std = torch.as_tensor(norm.get("std", []), dtype=torch.float32).reshape(-1)
+    obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32).detach().cpu().reshape(-1)
+    obs_std = torch.as_tensor(obs_std if obs_std is not None else std, dtype=torch.float32).detach().cpu().reshape(-1)
+    same = (mean.shape == obs_mean.shape and std.shape == obs_std.shape
+            and torch.allclose(mean, obs_mean, rtol=1e-4, atol=1e-4)
+            and torch.allclose(std, obs_std, rtol=1e-4, atol=1e-4))
+    if not same:
+        gap = float((mean - obs_mean).abs().max()) if mean.shape == obs_mean.shape else float("nan")
+        raise CheckpointError(f"{what}: {path} was trained on {src}, this run's data is {dataset}: their observation "
+                              f"normalisers differ (max |mean difference| {gap:.3g}); use a checkpoint of this dataset")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a kill or a power cut cannot leave half-done.
+
+    The bytes go to a temporary file in the target's own folder (``.<name>.<pid>.<random>.tmp``), are flushed to
+    the disk (``fsync``), and replace the target in one ``os.replace``; the folder is synced after. A crash during
+    a save leaves the previous file intact and at worst a stray temporary file, which the next save of the same
+    file removes. Lightning's ``_atomic_save`` stages local files in the system temporary folder and moves them with
+    ``shutil.move``, which copies (not atomically) when that folder is on another file system, and never syncs.
+    Remote URLs (``s3://`` ...) go through Lightning's writer. ``idql-cm`` installs this plugin unless the
+    configuration names its own ``CheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        target = os.fspath(path)
+        if "://" in target and not target.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
+        target = os.path.abspath(target.removeprefix("file://"))
+        folder, name = os.path.split(target)
+        os.makedirs(folder, exist_ok=True)
+        for stale in os.listdir(folder):  # left by a save that was killed
+            if _is_stale_temp(stale, name):
+                try:
+                    os.unlink(os.path.join(folder, stale))
+                except OSError:
+                    pass
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(folder)
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _is_stale_temp(entry: str, name: str) -> bool:
+    """A temporary file of :class:`AtomicCheckpointIO` that no save will finish: one for ``name`` (this save
+    replaces it), or one whose writing process is gone."""
+    m = _TEMP.match(entry)
+    if m is None:
+        return False
+    if m["name"] == name:
+        return True
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -94,6 +206,7 @@ class Critic:
     obs_std: torch.Tensor
     act_dim: int
     env_id: str | None = None
+    task: str | None = None
 
     @property
     def obs_dim(self) -> int:
@@ -135,9 +248,9 @@ def load_policy(path: str, device=None) -> Actor:
                  env_id=meta.get("env_id"), task=meta.get("dataset"), solver=meta.get("solver", "euler"))
 
 
-def load_critic(path: str, device=None) -> Critic:
-    """Rebuild the target twin-Q and V of an IQL checkpoint."""
-    ckpt = read_checkpoint(path, expect_kind="iql", what="critic checkpoint")
+def load_critic(path: str, device=None, what: str = "critic checkpoint") -> Critic:
+    """Rebuild the target twin-Q and V of an IQL checkpoint (``what`` names where the path came from)."""
+    ckpt = read_checkpoint(path, expect_kind="iql", what=what)
     meta, state = ckpt["idql_cm"], ckpt["state_dict"]
     q = TwinQ(meta["obs_dim"], meta["act_dim"], meta["hidden_dim"])
     v = ValueNet(meta["obs_dim"], meta["hidden_dim"])
@@ -145,10 +258,10 @@ def load_critic(path: str, device=None) -> Critic:
         q.load_state_dict(_sub(state, "q_target."))
         v.load_state_dict(_sub(state, "v."))
     except RuntimeError as e:
-        raise CheckpointError(f"critic checkpoint {path}: weights do not fit the recorded architecture "
+        raise CheckpointError(f"{what} {path}: weights do not fit the recorded architecture "
                               f"({str(e).splitlines()[0][:160]})") from e
     dev = _device(device)
     norm = meta["normalizer"]
     return Critic(q_target=q.to(dev).eval().requires_grad_(False), v=v.to(dev).eval().requires_grad_(False),
                   obs_mean=torch.tensor(norm["mean"], device=dev), obs_std=torch.tensor(norm["std"], device=dev),
-                  act_dim=int(meta["act_dim"]), env_id=meta.get("env_id"))
+                  act_dim=int(meta["act_dim"]), env_id=meta.get("env_id"), task=meta.get("dataset"))
