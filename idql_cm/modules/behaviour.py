@@ -113,8 +113,7 @@ class BehaviourModule(IDQLModule):
                      solver=getattr(self, "eval_solver", "euler"))
 
     def bc_step(self, loss: torch.Tensor, **extra: torch.Tensor):
-        if not self.guard_finite("loss", loss):
-            return None
+        self.watch_finite("loss", loss)
         if self.should_log():
             # sync_dist: with DDP the logged value is the mean over ranks (an all-reduce on log steps only)
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
@@ -179,7 +178,7 @@ class CTModule(BehaviourModule):
         n, sigmas, probs = self.curriculum(self.global_step)
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c)
         out = self.bc_step(loss, unweighted_loss=unweighted)
-        if out is not None and self.should_log():
+        if self.should_log():
             self.log("train/curriculum_N", float(n))
         return out
 
@@ -208,19 +207,24 @@ class CDModule(BehaviourModule):
     def teacher(self) -> EDMDenoiser:
         return self.__dict__["_teacher"]
 
+    def preflight(self, datamodule: Any) -> None:
+        """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
+        from idql_cm.modules.artifacts import check_fits_data, read_checkpoint
+
+        meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
+        if datamodule is not None and hasattr(datamodule, "normalizer"):
+            norm = datamodule.normalizer
+            check_fits_data(meta, "model.teacher_ckpt", self.teacher_ckpt, int(datamodule.obs_dim),
+                            int(datamodule.act_dim), torch.as_tensor(norm.mean), torch.as_tensor(norm.std),
+                            str(datamodule.dataset))
+
     def build(self, obs_dim: int, act_dim: int) -> None:
-        from idql_cm.modules.artifacts import read_checkpoint
+        from idql_cm.modules.artifacts import check_fits_data, read_checkpoint
 
         ckpt = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-        if (meta["obs_dim"], meta["act_dim"]) != (obs_dim, act_dim):
-            raise CheckpointError(f"teacher {self.teacher_ckpt} has obs/act size {meta['obs_dim']}/{meta['act_dim']}, "
-                                  f"the data {self.data_info.get('dataset')} has {obs_dim}/{act_dim}")
-        mean = torch.tensor(meta["normalizer"]["mean"])
-        if mean.shape != self.obs_mean.shape or not torch.allclose(mean, self.obs_mean.cpu(), rtol=1e-4, atol=1e-4):
-            raise CheckpointError(f"teacher {self.teacher_ckpt} was trained on another dataset "
-                                  f"({meta.get('dataset')}) than this run ({self.data_info.get('dataset')}): "
-                                  "its observation normaliser differs")
+        check_fits_data(meta, "model.teacher_ckpt", self.teacher_ckpt, obs_dim, act_dim, self.obs_mean, self.obs_std,
+                        self.data_info.get("dataset"))
         self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
         teacher = EDMDenoiser(IDQLMlp(obs_dim, act_dim, **net_kwargs(meta["net"])), **{
             k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")})

@@ -7,6 +7,7 @@ The modules are thin: the math lives in :mod:`idql_cm.nets` and :mod:`idql_cm.di
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from typing import Any
@@ -21,6 +22,8 @@ from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
 FORMAT_VERSION = 1
 
 _MASK64 = (1 << 63) - 1
+
+log = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
@@ -86,6 +89,8 @@ class IDQLModule(pl.LightningModule):
         self.act_dim: int | None = None
         self.data_info: dict[str, Any] = {}
         self.skipped_steps = 0
+        self._watched: list[tuple[str, torch.Tensor]] = []  # this step's losses, checked before the update
+        self._skip_update = False  # set when this step's update is skipped (model.nonfinite: skip)
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -108,8 +113,23 @@ class IDQLModule(pl.LightningModule):
     def payload(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def preflight(self, datamodule: Any) -> None:
+        """Check the artefacts this module needs against the data before any work (the CLI calls it after
+        instantiation, before ``fit`` / ``validate`` writes anything); subclasses with a partner checkpoint override."""
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint is never written with non-finite weights (possible when check_finite_every > 1 lets a
+        # poisoned update through): the last good one stays. One host sync per save.
+        state = [v for v in checkpoint.get("state_dict", {}).values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if state and not bool(torch.stack([torch.isfinite(v).all() for v in state]).all()):
+            bad = next(k for k, v in checkpoint["state_dict"].items()
+                       if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite weights ({bad}) at step {self.global_step}; the checkpoint was not "
+                f"written, {self._last_good_checkpoint()} (lower model.init_args.check_finite_every to catch the "
+                "step that caused it)")
         checkpoint["idql_cm"] = {
             "format": FORMAT_VERSION,
             "kind": self.kind,
@@ -123,16 +143,26 @@ class IDQLModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("idql_cm")
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        where = f"checkpoint {path}" if path else "checkpoint"
         if meta is None:
-            raise CheckpointError(f"expected an idql-cm checkpoint of kind '{self.kind}', found one without the 'idql_cm' payload")
+            raise CheckpointError(f"{where}: expected an idql-cm checkpoint of kind '{self.kind}', found one without "
+                                  "the 'idql_cm' payload")
         if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
+            raise CheckpointError(f"{where}: checkpoint format {meta.get('format')} is not supported (this idql-cm "
+                                  f"reads format {FORMAT_VERSION}); retrain or use the idql-cm version that wrote it")
         if meta.get("kind") != self.kind:
-            raise CheckpointError(f"expected a '{self.kind}' checkpoint to resume {type(self).__name__}, found kind '{meta.get('kind')}'")
-        if (meta.get("obs_dim"), meta.get("act_dim")) != (self.obs_dim, self.act_dim):
-            raise CheckpointError(
-                f"checkpoint has obs/act size {meta.get('obs_dim')}/{meta.get('act_dim')}, "
-                f"the data has {self.obs_dim}/{self.act_dim} ({self.data_info.get('dataset')})")
+            raise CheckpointError(f"{where}: expected a '{self.kind}' checkpoint to resume {type(self).__name__}, "
+                                  f"found kind '{meta.get('kind')}'")
+        from idql_cm.modules.artifacts import check_fits_data
+
+        # Resuming on other data would silently replace this data's normaliser by the checkpoint's (the buffers
+        # load with the weights): refuse while fitting. validate / test use the checkpoint's normaliser, as they should.
+        fitting = self._trainer is not None and getattr(self.trainer.state.fn, "value", None) == "fit"
+        if self.obs_dim is not None:
+            check_fits_data(meta, "--ckpt_path", str(path), int(self.obs_dim), int(self.act_dim),
+                            self.obs_mean if fitting else None, self.obs_std if fitting else None,
+                            self.data_info.get("dataset"))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ per-step plumbing
@@ -141,13 +171,15 @@ class IDQLModule(pl.LightningModule):
         torch.manual_seed(step_seed(global_seed(), self.global_rank, self.global_step, stream=1))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self._skip_update = False
         super().optimizer_step(*args, **kwargs)
         # Inside the step, not in on_train_batch_end: callbacks (ModelCheckpoint) run their
         # on_train_batch_end first, and a checkpoint must hold the EMA / target of the step it is named for.
-        self.after_optimizer_step()
+        if not self._skip_update:
+            self.after_optimizer_step()
 
     def after_optimizer_step(self) -> None:
-        """EMA / target-network update; subclasses override."""
+        """EMA / target-network update; subclasses override (not called for a skipped step)."""
 
     def should_log(self) -> bool:
         """True on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``).
@@ -160,33 +192,80 @@ class IDQLModule(pl.LightningModule):
         except (AttributeError, RuntimeError, NotImplementedError):
             return False
 
-    def guard_finite(self, name: str, value: torch.Tensor) -> bool:
-        """False when ``value`` is NaN/Inf and the step should be skipped; raises in 'stop' mode.
+    def watch_finite(self, name: str, value: torch.Tensor) -> None:
+        """Have ``value`` (a loss of this step) checked for NaN/Inf before this step's update.
 
-        Checked every ``check_finite_every`` steps (1 = every step: a host sync on GPU; GPU configs may
-        raise it, trading detection latency for speed).
+        No host sync here: the check happens in :meth:`on_before_optimizer_step`, together with the gradient
+        norm, as one read-back every ``check_finite_every`` steps (1 = every step; GPU configs may raise it,
+        trading detection latency for speed).
         """
-        if self.global_step % self.check_finite_every:
-            return True
-        if bool(torch.isfinite(value).all()):
-            return True
-        if self.nonfinite == "skip":
-            self.skipped_steps += 1
-            self.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
-            return False
-        raise NonFiniteError(
-            f"{type(self).__name__}: non-finite {name} at step {self.global_step}; training stopped, the last "
-            "good checkpoint is kept (set model.nonfinite: skip to skip such steps)")
+        self._watched.append((name, value.detach()))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.should_log():
+        # After backward, before the optimiser touches the weights: the last point where a bad step can be
+        # stopped or skipped without harm.
+        watched, self._watched = self._watched, []
+        check = self.global_step % self.check_finite_every == 0
+        log = self.should_log()
+        if not (check or log):
             return
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if params:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            self.guard_finite("gradient norm", norm)
-            self.log("train/grad_norm", norm)
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if check:
+            self._check_finite(watched, norm, optimizer)
+        if log:
+            if norm is not None and not self._skip_update:
+                self.log("train/grad_norm", norm)
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _check_finite(self, watched: list[tuple[str, torch.Tensor]], norm: torch.Tensor | None,
+                      optimizer: torch.optim.Optimizer) -> None:
+        """Stop (raise) or skip the update when a watched loss or the gradient norm is NaN/Inf."""
+        named = watched + ([("gradient norm", norm)] if norm is not None else [])
+        if not named:
+            return
+        bad = torch.stack([~torch.isfinite(v).all() for _, v in named]).float()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # every rank decides the same: a skip on one rank only would make the replicas diverge
+            bad = trainer.strategy.reduce(bad, reduce_op="sum")
+        flags = bad.tolist()  # the one host sync of a checked step
+        if not any(flags):
+            return
+        names = [name for (name, _), f in zip(named, flags, strict=True) if f]
+        quantity = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        if self.nonfinite == "skip":
+            for group in optimizer.param_groups:  # no gradient: the optimiser leaves weights and moments alone
+                for p in group["params"]:
+                    p.grad = None
+            self._skip_update = True
+            self.skipped_steps += 1
+            self.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
+            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a flood
+                self._warn(f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}: update "
+                           f"skipped ({self.skipped_steps} skipped so far, model.init_args.nonfinite: skip)")
+            return
+        raise NonFiniteError(
+            f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}; training stopped before the "
+            f"update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip such steps)")
+
+    def _last_good_checkpoint(self) -> str:
+        cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") if cb is not None else ""
+        if path and os.path.isfile(path):
+            step = getattr(cb, "_last_global_step_saved", None)
+            return f"the last good checkpoint is kept: {path}" + (f" (step {step})" if step else "")
+        return "no checkpoint had been written yet"
+
+    def _warn(self, message: str) -> None:
+        """One line on stderr (through logging, so a configured logger receives it), on rank 0 only."""
+        if self.global_rank == 0:
+            log.warning(message)
+
+    def on_train_end(self) -> None:
+        if self.skipped_steps:
+            self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
+                       "values (model.init_args.nonfinite: skip)")
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std

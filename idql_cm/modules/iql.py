@@ -77,8 +77,8 @@ class IQLModule(IDQLModule):
         q1, q2 = self.q.both(obs, act)
         q_loss = ((q1 - td_target).square() + (q2 - td_target).square()).mean()
         loss = v_loss + q_loss
-        if not self.guard_finite("loss", loss):
-            return None
+        self.watch_finite("v_loss", v_loss)
+        self.watch_finite("q_loss", q_loss)
         if self.should_log():
             self.log_dict({"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": q1.mean(),
                            "train/v_mean": v.mean(), "train/adv_mean": (q_t - v).mean(),
