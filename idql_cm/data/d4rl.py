@@ -32,6 +32,7 @@ import numpy as np
 from idql_cm.errors import DataError
 
 __all__ = [
+    "DataWarning",
     "D4RL_FAMILIES",
     "D4RL_URL_PREFIX",
     "MINARI_PREFIX",
@@ -60,6 +61,10 @@ _D4RL_FILE = re.compile(
     r"-v(?P<version>\d+)\.hdf5$"
 )
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
+
+
+class DataWarning(UserWarning):
+    """Data that is used after a repair (clipped actions, unscaled rewards); ``idql-cm`` prints it as one line."""
 
 
 # --------------------------------------------------------------------------------------------- ids and paths
@@ -333,6 +338,7 @@ def load_d4rl(source: str | os.PathLike, max_episode_steps: int = 1000) -> dict[
     if isinstance(resolved, str):  # minari:<id>
         from idql_cm.data.minari_source import load_minari
 
+        check_minari_layout(resolved[len(MINARI_PREFIX):])
         return load_minari(resolved[len(MINARI_PREFIX):])
     path = resolved
     with _open_h5(source, path) as f:
@@ -347,6 +353,62 @@ def load_d4rl(source: str | os.PathLike, max_episode_steps: int = 1000) -> dict[
             f"candidate rows flagged (no transitions left)"
         )
     return out
+
+
+def check_minari_layout(dataset_id: str) -> None:
+    """Refuse a local Minari dataset whose files are ambiguous before reading it: a key given twice in
+    ``metadata.json`` (JSON keeps the last silently), or two episodes of one id in ``main_data.hdf5`` (``episode_3``
+    and ``episode_03``, or two groups whose ``id`` attribute is equal, e.g. after a faulty merge: the episode would
+    be trained on twice, or one would shadow the other)."""
+    import json
+
+    from idql_cm.data.minari_source import minari_dataset_dir
+
+    data_dir = minari_dataset_dir(dataset_id)
+    meta_path = data_dir / "metadata.json"
+
+    def unique(pairs):
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DataError(f"{meta_path}: key '{key}': expected each key once in the Minari metadata, found it twice "
+                                f"(values {seen[key]!r} and {value!r})")
+            seen[key] = value
+        return seen
+
+    try:
+        json.loads(meta_path.read_text(), object_pairs_hook=unique)
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{meta_path}: expected a JSON object of Minari metadata, could not parse it ({_one_line(exc)})") from exc
+    h5_path = data_dir / "main_data.hdf5"
+    if not h5_path.is_file():
+        return  # an Arrow-format dataset: the minari package checks its own layout
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as f:
+            owners: dict[int, str] = {}
+            for name in f.keys():
+                if not name.startswith("episode_"):
+                    continue
+                suffix = name[len("episode_"):]
+                if not suffix.isdigit():
+                    raise DataError(f"{h5_path}: key '{name}': expected episode groups named episode_<number>")
+                ids = {int(suffix)}
+                attr = f[name].attrs.get("id")
+                if attr is not None and np.ndim(attr) == 0:
+                    ids.add(int(attr))
+                for ep_id in ids:
+                    if ep_id in owners and owners[ep_id] != name:
+                        raise DataError(f"{h5_path}: key '{name}': expected one episode per id, found episode id "
+                                        f"{ep_id} twice ('{owners[ep_id]}' and '{name}')")
+                    owners[ep_id] = name
+    except DataError:
+        raise
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise DataError(f"{h5_path}: expected a readable HDF5 file, the file is truncated or corrupt ({_one_line(exc)})") from exc
 
 
 def _decode(value) -> str | None:

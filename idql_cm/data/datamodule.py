@@ -27,7 +27,14 @@ import lightning as L
 import numpy as np
 import torch
 
-from idql_cm.data.d4rl import d4rl_task_of, iql_reward_scale, load_d4rl, read_env_id, resolve_source
+from idql_cm.data.d4rl import (
+    DataWarning,
+    d4rl_task_of,
+    iql_reward_scale,
+    load_d4rl,
+    read_env_id,
+    resolve_source,
+)
 from idql_cm.data.normalizer import ObsNormalizer
 from idql_cm.data.scores import task_family
 from idql_cm.errors import ConfigError, DataError
@@ -190,7 +197,8 @@ class TDDataModule(L.LightningDataModule):
                 )
             warnings.warn(
                 f"{where}: key 'actions': {n_out} of {act.size} entries lie outside [-{b:g}, {b:g}] "
-                f"(max |a| = {worst:.6g}); clipped to the bounds",
+                f"(max |a| = {worst:.6g}); clipped to the bounds (data.out_of_bounds=error refuses them)",
+                DataWarning,
                 stacklevel=3,
             )
             act = np.clip(act, -b, b)
@@ -201,7 +209,7 @@ class TDDataModule(L.LightningDataModule):
             except DataError as exc:
                 # A tiny dataset (a smoke test, a few hundred collected steps) has no return range; the reference
                 # would crash on min([]). Train on the raw rewards instead, and say so.
-                warnings.warn(f"{exc}; rewards left unscaled", stacklevel=3)
+                warnings.warn(f"{exc}; rewards left unscaled", DataWarning, stacklevel=3)
         norm = ObsNormalizer.from_data(data["observations"])
         self._normalizer = norm
         self._arrays = {
