@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from idql_cm.errors import ConfigError
+from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, evaluate
 
@@ -53,6 +53,24 @@ def resolve_env_id(name: str | None, version: str = "v5") -> str | None:
             return name
         return gym_env_id(name, version=version)
     return name if registered else None
+
+
+def _check_critic(path: str, critic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
+    """Refuse an IQL critic trained on other data than the policy (other sizes, or another observation normaliser):
+    its advantages would rank the candidates by another task's values. A CheckpointError names both sides."""
+    if (int(critic.obs_dim), int(critic.act_dim)) != (obs_dim, act_dim):
+        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} has obs/act size {critic.obs_dim}/{critic.act_dim}"
+                              f" (trained on {getattr(critic, 'task', None)}), the policy's data {dataset} has "
+                              f"{obs_dim}/{act_dim}")
+    mine = getattr(critic, "obs_mean", None)
+    if obs_mean is None or mine is None:
+        return
+    a = torch.as_tensor(mine, dtype=torch.float32).detach().cpu().reshape(-1)
+    b = torch.as_tensor(obs_mean, dtype=torch.float32).detach().cpu().reshape(-1)
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} was trained on {getattr(critic, 'task', None)}, "
+                              f"the policy on {dataset}: their observation normalisers differ; use the IQL checkpoint "
+                              "of the policy's dataset")
 
 
 def _split(episodes: int, world: int, rank: int) -> tuple[int, int]:
@@ -141,12 +159,36 @@ class RolloutEvaluation(Callback):
         if self.record_video > 0:
             os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco's renderer is first created
 
+    def preflight(self, pl_module, datamodule) -> None:
+        """Check ``critic_ckpt`` against the data (sizes and observation normaliser) before any work; the CLI calls
+        this after instantiation, before ``fit`` / ``validate`` writes anything."""
+        if self.critic_ckpt is None:
+            return
+        path = str(self.critic_ckpt)
+        if not os.path.isfile(path):
+            raise ConfigError(f"RolloutEvaluation.critic_ckpt: no IQL checkpoint at {path} (train the IQL stage first: "
+                              "idql-cm fit --config configs/<task>/iql.yaml, or set critic_ckpt: null to evaluate the "
+                              "behaviour policy alone)")
+        critic = self._load_critic_from(path, "cpu")
+        if datamodule is not None and hasattr(datamodule, "normalizer"):
+            norm = datamodule.normalizer
+            _check_critic(path, critic, int(datamodule.obs_dim), int(datamodule.act_dim), torch.as_tensor(norm.mean),
+                          str(getattr(datamodule, "dataset", None)))
+
     def on_fit_start(self, trainer, pl_module) -> None:
         # Fail (or announce the skip) now rather than after hours of training.
         actor = self._actor(pl_module)
         if self._env_for(actor) is not None:
             critic = self._get_critic(pl_module.device)
+            self._check_pair(actor, critic)
             IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)  # size check
+
+    def _check_pair(self, actor, critic) -> None:
+        """The critic must come from the actor's dataset: same sizes and observation normaliser."""
+        if critic is None:
+            return
+        _check_critic(str(self.critic_ckpt), critic, int(actor.obs_dim), int(actor.act_dim),
+                      getattr(actor, "obs_mean", None), getattr(actor, "task", None))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._ckpt_step = checkpoint.get("global_step")
@@ -204,7 +246,7 @@ class RolloutEvaluation(Callback):
     def _load_critic_from(path: str, device):
         from idql_cm.modules.artifacts import load_critic  # lazy: the modules layer sits above eval's imports
 
-        return load_critic(path, device=device)
+        return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt")
 
     def _get_critic(self, device):
         if self.critic_ckpt is None:
@@ -266,6 +308,7 @@ class RolloutEvaluation(Callback):
             return None
         device = pl_module.device
         critic = self._get_critic(device)
+        self._check_pair(actor, critic)
         agent = IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)
         world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
         n_local, first = _split(self.episodes, world, rank)
