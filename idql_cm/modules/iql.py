@@ -10,6 +10,7 @@ import torch
 from idql_cm.errors import ConfigError
 from idql_cm.modules.common import IDQLModule, cosine_or_constant, make_optimizer
 from idql_cm.nets.critics import TwinQ, ValueNet
+from idql_cm.nets.ema import ema_update_
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -87,7 +88,9 @@ class IQLModule(IDQLModule):
         return loss
 
     def after_optimizer_step(self) -> None:
-        torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.tau)
+        # (under no_grad inside ema_update_: an in-place lerp from parameters that require grad would
+        # otherwise chain every step's target into one growing autograd graph)
+        ema_update_(self.q_target, self.q, 1.0 - self.tau)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """No-op (a critic has nothing to roll out on its own)."""
