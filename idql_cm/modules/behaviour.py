@@ -60,8 +60,9 @@ class BehaviourModule(IDQLModule):
         action_bound: float = 1.0,
         nonfinite: str = "stop",
         check_finite_every: int = 1,
+        compile: bool = False,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every)
+        super().__init__(nonfinite, check_finite_every, compile)
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
         self.ema = EMAWarmup(power=ema_power, max_value=ema_decay)
@@ -84,6 +85,9 @@ class BehaviourModule(IDQLModule):
 
     def payload(self) -> dict[str, Any]:
         return {"net": dict(self.net_kw), "method": dict(self.method)}
+
+    def trained_nets(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     def configure_optimizers(self):
         opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay)

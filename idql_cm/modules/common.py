@@ -79,8 +79,9 @@ class IDQLModule(pl.LightningModule):
 
     kind: str = "?"
 
-    def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1) -> None:
+    def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False) -> None:
         super().__init__()
+        self.compile_nets = bool(compile)
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite: expected 'stop' or 'skip', found {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -105,10 +106,20 @@ class IDQLModule(pl.LightningModule):
         self.register_buffer("obs_std", torch.as_tensor(norm.std, dtype=torch.float32).clone())
         self.data_info = {"dataset": str(dm.dataset), "env_id": dm.env_id, "num_transitions": int(dm.num_transitions)}
         self.build(self.obs_dim, self.act_dim)
+        if self.compile_nets:
+            # Opt-in fast path: torch.compile of the trained networks' forward (nn.Module.compile keeps the
+            # parameter names, so checkpoints are unchanged). The eager path stays the reference: see
+            # tests/test_fast_path.py for the equivalence check.
+            for net in self.trained_nets():
+                net.compile()
         self.to(self.trainer.strategy.root_device)
 
     def build(self, obs_dim: int, act_dim: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def trained_nets(self) -> list[torch.nn.Module]:
+        """The networks the optimiser trains (compiled when ``compile: true``)."""
+        return []
 
     def payload(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

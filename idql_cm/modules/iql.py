@@ -41,8 +41,9 @@ class IQLModule(IDQLModule):
         lr_schedule: str = "cosine",
         nonfinite: str = "stop",
         check_finite_every: int = 1,
+        compile: bool = False,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every)
+        super().__init__(nonfinite, check_finite_every, compile)
         if target_update not in ("polyak", "reference"):
             raise ConfigError(f"model.target_update: expected 'polyak' or 'reference', found {target_update!r}")
         if not 0.5 <= expectile < 1.0:
@@ -59,6 +60,9 @@ class IQLModule(IDQLModule):
         self.q = TwinQ(obs_dim, act_dim, self.hidden_dim)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
         self.v = ValueNet(obs_dim, self.hidden_dim)
+
+    def trained_nets(self) -> list[torch.nn.Module]:
+        return [self.q, self.v]
 
     def payload(self) -> dict[str, Any]:
         return {"hidden_dim": self.hidden_dim, "expectile": self.expectile, "discount": self.discount}
