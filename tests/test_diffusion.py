@@ -178,6 +178,14 @@ def test_edm_sampler_evaluation_count(solver, nfe):
     assert edm.net.sigmas[0] == pytest.approx(80.0, rel=1e-5)
 
 
+def test_edm_sampling_can_start_below_sigma_max():
+    edm = _counting_edm().eval()
+    x = edm_sample(edm, torch.randn(64, OBS), 2, sigma_max=10.0, generator=torch.Generator().manual_seed(0))
+    expected = karras_sigmas(2, 0.002, 10.0)
+    assert edm.net.sigmas == pytest.approx([10.0, float(expected[1])], rel=1e-5)
+    assert x.abs().max() <= 1.0
+
+
 def test_heun_refuses_even_nfe():
     for nfe in (2, 4):
         with pytest.raises(ConfigError, match=f"odd nfe.*found nfe={nfe}"):

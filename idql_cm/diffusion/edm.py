@@ -164,10 +164,12 @@ def edm_sample(
     nfe: int,
     solver: str = "euler",
     generator: torch.Generator | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` for ``obs: [B, obs_dim]`` with exactly ``nfe`` network evaluations: Euler takes nfe
     steps on the Karras grid of nfe intervals, Heun (nfe + 1)/2 steps and refuses an even nfe. Starts from
-    ``x = randn·σ_max`` drawn with ``generator`` when given."""
+    ``x = randn·σ_max`` drawn with ``generator`` when given. ``sigma_max`` overrides the model's σ_max for sampling
+    only (the grid then runs σ_min → sigma_max)."""
     if solver not in ("euler", "heun"):
         raise ConfigError(f"EDM solver: expected 'euler' or 'heun', found {solver!r}")
     if nfe < 1 or (solver == "heun" and nfe % 2 == 0):
@@ -176,6 +178,8 @@ def edm_sample(
         )
         raise ConfigError(f"EDM {solver} sampling: expected {expected}, found nfe={nfe}")
     steps = nfe if solver == "euler" else (nfe + 1) // 2
-    x = _randn((obs.shape[0], denoiser.act_dim), obs, generator) * denoiser.sigma_max
+    top = denoiser.sigma_max if sigma_max is None else float(sigma_max)
+    x = _randn((obs.shape[0], denoiser.act_dim), obs, generator) * top
     sampler = sample_euler if solver == "euler" else sample_heun
-    return sampler(denoiser, x, denoiser.sigmas(steps, device=obs.device), obs)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, top, denoiser.rho, device=obs.device)
+    return sampler(denoiser, x, sigmas, obs)

@@ -178,6 +178,7 @@ class Actor:
     env_id: str | None = None
     task: str | None = None
     solver: str = "euler"
+    sample_sigma_max: float | None = None
 
     @property
     def obs_dim(self) -> int:
@@ -192,7 +193,8 @@ class Actor:
         """``obs: [B, obs_dim]`` raw → ``act: [B, act_dim]`` with ``nfe`` network evaluations each."""
         obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
         if self.kind == "edm":
-            return edm_sample(self.model, obs_n, nfe, solver=self.solver, generator=generator)
+            return edm_sample(self.model, obs_n, nfe, solver=self.solver, generator=generator,
+                              sigma_max=self.sample_sigma_max)
         return cm_sample(self.model, obs_n, nfe, generator=generator)
 
 
@@ -245,7 +247,8 @@ def load_policy(path: str, device=None) -> Actor:
     norm = meta["normalizer"]
     return Actor(kind=meta["kind"], model=model, obs_mean=torch.tensor(norm["mean"], device=dev),
                  obs_std=torch.tensor(norm["std"], device=dev), act_dim=int(meta["act_dim"]),
-                 env_id=meta.get("env_id"), task=meta.get("dataset"), solver=meta.get("solver", "euler"))
+                 env_id=meta.get("env_id"), task=meta.get("dataset"), solver=meta.get("solver", "euler"),
+                 sample_sigma_max=meta.get("sample_sigma_max"))
 
 
 def load_critic(path: str, device=None, what: str = "critic checkpoint") -> Critic:

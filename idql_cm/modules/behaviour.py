@@ -114,7 +114,8 @@ class BehaviourModule(IDQLModule):
 
         return Actor(kind=self.kind, model=self.ema_model, obs_mean=self.obs_mean, obs_std=self.obs_std,
                      act_dim=int(self.act_dim), env_id=self.data_info.get("env_id"), task=self.data_info.get("dataset"),
-                     solver=getattr(self, "eval_solver", "euler"))
+                     solver=getattr(self, "eval_solver", "euler"),
+                     sample_sigma_max=getattr(self, "sample_sigma_max", None))
 
     def bc_step(self, loss: torch.Tensor, **extra: torch.Tensor):
         self.watch_finite("loss", loss)
@@ -131,19 +132,27 @@ class EDMModule(BehaviourModule):
 
     kind = "edm"
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, eval_solver: str = "euler", **kwargs: Any) -> None:
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, eval_solver: str = "euler",
+                 sample_sigma_max: float | None = None, **kwargs: Any) -> None:
+        """``sample_sigma_max``: where sampling starts (None = σ_max = 80, the tutorial's protocol). From σ = 80
+        one Euler step returns the conditional mean action (c_skip(80) ≈ 4e-5), so every IDQL candidate at NFE 1
+        is the same action and re-ranking cannot help; starting lower keeps the candidates diverse."""
         super().__init__(**kwargs)
         if eval_solver not in ("euler", "heun"):
             raise ConfigError(f"model.eval_solver: expected 'euler' or 'heun', found {eval_solver!r}")
         self.method.update(P_mean=P_mean, P_std=P_std)
         self.eval_solver = eval_solver
+        if sample_sigma_max is not None and not (self.method["sigma_min"] < sample_sigma_max <= self.method["sigma_max"]):
+            raise ConfigError(f"model.sample_sigma_max: expected a value in ({self.method['sigma_min']}, "
+                              f"{self.method['sigma_max']}], found {sample_sigma_max}")
+        self.sample_sigma_max = sample_sigma_max
         self.save_hyperparameters()
 
     def wrap(self, net):
         return EDMDenoiser(net, **self.method)
 
     def payload(self):
-        return {**super().payload(), "solver": self.eval_solver}
+        return {**super().payload(), "solver": self.eval_solver, "sample_sigma_max": self.sample_sigma_max}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         return self.bc_step(self.model.loss(batch["act"], batch["obs"]))
