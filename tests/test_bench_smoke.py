@@ -1,0 +1,46 @@
+"""Smoke test of the benchmark script: ``scripts/bench.py --quick`` runs end to end and writes every key.
+
+A benchmark, not a timed test: values are only checked to be present, finite and positive, never against a
+threshold (CI machines are shared and their speed varies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_bench_quick_writes_every_key(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+
+    for kind in ("iql", "edm", "ct", "cd"):
+        for key in ("lightning", "bare", "ratio"):
+            assert _positive(res["train_steps_per_s"][kind][key]), (kind, key)
+    for key in ("datamodule_batches_per_s", "dataloader_batches_per_s", "ratio"):
+        assert _positive(res["sampler"][key]), key
+    for kind in ("edm", "cd", "ct"):
+        for nfe in (1, 2, 4):
+            assert _positive(res["action_ms"][kind][f"nfe{nfe}"]), (kind, nfe)
+    assert _positive(res["eval_env_steps_per_s"])
+
+    machine = res["machine"]
+    for key in ("cpu", "cores", "torch"):
+        assert machine[key], key
+    assert "gpu" in machine
+    assert res["date"]
+    assert res["settings"]["quick"] is True
+    # the table is printed
+    assert "Lightning steps/s" in proc.stdout and "batches/s" in proc.stdout
