@@ -108,6 +108,7 @@ QUICK: dict[str, Any] = {
 }
 
 OBS_DIM, ACT_DIM = 17, 6
+NOISY_SPREAD = 1.25  # max/min of the rounds above which a training comparison is flagged "noisy"
 
 
 def _load1() -> float | None:
@@ -427,11 +428,16 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print) -> di
             "median_step_lightning_ms": round(1e3 * statistics.median(lmed), 3),
             "median_step_bare_ms": round(1e3 * statistics.median(bmed), 3),
             "loadavg_1min_after_rounds": loads,
+            # another process's burst shows as rounds far apart (2 OpenMP threads on 2 shared cores stall badly)
+            "noisy": max(lt) / min(lt) > NOISY_SPREAD or max(bt) / min(bt) > NOISY_SPREAD,
         }
         o = out[kind]
         log(f"  {kind:4s} lightning {o['lightning']:7.1f} steps/s  bare {o['bare']:7.1f} steps/s  "
             f"ratio {o['ratio']:.3f}  (per-round ms: L {o['rounds_lightning_ms']}, B {o['rounds_bare_ms']}; "
             f"median step L {o['median_step_lightning_ms']} B {o['median_step_bare_ms']})")
+        if o["noisy"]:
+            log(f"  WARNING: {kind} rounds differ by more than {NOISY_SPREAD:.2f}x: the machine was busy; "
+                "the median drops a minority of such rounds, but rerun on a quiet machine to be sure")
     return out
 
 
@@ -852,7 +858,9 @@ def table(res: dict[str, Any]) -> str:
                   "| --- | ---: | ---: | ---: |"]
         for k in KINDS:
             if k in tr:
-                lines.append(f"| {k.upper()} | {tr[k]['lightning']:.1f} | {tr[k]['bare']:.1f} | {tr[k]['ratio']:.3f} |")
+                flag = " (noisy: machine busy)" if tr[k].get("noisy") else ""
+                lines.append(f"| {k.upper()}{flag} | {tr[k]['lightning']:.1f} | {tr[k]['bare']:.1f} | "
+                             f"{tr[k]['ratio']:.3f} |")
         lines.append("")
     sp = res.get("sampler")
     if sp:
