@@ -46,9 +46,14 @@ REWARD_SCALES = ("none", "iql_locomotion")
 OUT_OF_BOUNDS = ("clip", "error")
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The generator seed of the batch at ``step`` on ``rank``: a 63-bit BLAKE2b hash of ``(seed, rank, step)``."""
-    digest = hashlib.blake2b(struct.pack("<qqq", int(seed), int(rank), int(step)), digest_size=8).digest()
+def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
+    """A 63-bit BLAKE2b hash of ``(seed, rank, step[, stream])``: the seed of step ``step`` on ``rank``.
+
+    Stream 0 seeds the batch indices; the modules seed their noise and dropout with stream 1. Seeding every step
+    from this makes a run's randomness independent of how it was interrupted (exact resume, no RNG state saved).
+    """
+    fields = (int(seed), int(rank), int(step)) + ((int(stream),) if stream else ())
+    digest = hashlib.blake2b(struct.pack("<" + "q" * len(fields), *fields), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 

@@ -87,7 +87,7 @@ def assemble(out: str | Path, dataset: str | None = None, timings: list[dict] | 
     if timings:
         lines += ["", "| stage | seconds |", "| --- | --- |"]
         for t in timings:
-            secs = "skipped (done earlier)" if t.get("skipped") else "%.0f" % t["seconds"]
+            secs = "skipped (done earlier)" if t.get("skipped") else f"{t['seconds']:.0f}"
             lines.append(f"| {t['stage']} | {secs} |")
         if total_seconds is not None:
             lines.append(f"| total | {total_seconds:.0f} |")

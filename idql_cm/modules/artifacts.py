@@ -162,7 +162,8 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def state_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -238,7 +239,7 @@ def load_policy(path: str, device=None) -> Actor:
         model = ConsistencyModel(net, **{k: method[k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho",
                                                                "x_min", "x_max")})
     try:
-        model.load_state_dict(_sub(state, "ema_model."))
+        model.load_state_dict(state_prefix(state, "ema_model."))
     except RuntimeError as e:
         raise CheckpointError(f"actor checkpoint {path}: weights do not fit the recorded architecture "
                               f"({str(e).splitlines()[0][:160]})") from e
@@ -258,8 +259,8 @@ def load_critic(path: str, device=None, what: str = "critic checkpoint") -> Crit
     q = TwinQ(meta["obs_dim"], meta["act_dim"], meta["hidden_dim"])
     v = ValueNet(meta["obs_dim"], meta["hidden_dim"])
     try:
-        q.load_state_dict(_sub(state, "q_target."))
-        v.load_state_dict(_sub(state, "v."))
+        q.load_state_dict(state_prefix(state, "q_target."))
+        v.load_state_dict(state_prefix(state, "v."))
     except RuntimeError as e:
         raise CheckpointError(f"{what} {path}: weights do not fit the recorded architecture "
                               f"({str(e).splitlines()[0][:160]})") from e

@@ -24,6 +24,7 @@ from idql_cm.diffusion.consistency import (
 from idql_cm.diffusion.edm import EDMDenoiser
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
+from idql_cm.modules.artifacts import state_prefix
 from idql_cm.modules.common import IDQLModule, cosine_or_constant, file_sha256, make_optimizer
 from idql_cm.nets.ema import EMAWarmup, ema_update_
 from idql_cm.nets.mlp import IDQLMlp
@@ -241,14 +242,14 @@ class CDModule(BehaviourModule):
         self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
         teacher = EDMDenoiser(IDQLMlp(obs_dim, act_dim, **net_kwargs(meta["net"])), **{
             k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")})
-        teacher.load_state_dict(_sub(state, "ema_model."))
+        teacher.load_state_dict(state_prefix(state, "ema_model."))
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
         self.model = self.wrap(IDQLMlp(obs_dim, act_dim, **self.net_kw))
         check_teacher_compatible(self.model, teacher)
         # CM online <- EDM online, CM EMA <- EDM EMA (the distillation starts from the teacher's weights).
-        self.model.net.load_state_dict(_sub(state, "model.net."))
+        self.model.net.load_state_dict(state_prefix(state, "model.net."))
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.ema_model.net.load_state_dict(_sub(state, "ema_model.net."))
+        self.ema_model.net.load_state_dict(state_prefix(state, "ema_model.net."))
         self.teacher_sha256 = file_sha256(self.teacher_ckpt)
         self.register_buffer("distill_sigmas", karras_sigmas(
             self.distill_intervals, self.method["sigma_min"], self.method["sigma_max"], self.method["rho"]))
@@ -275,6 +276,3 @@ class CDModule(BehaviourModule):
                        solver=self.solver)
         return self.bc_step(loss)
 
-
-def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -16,30 +16,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from idql_cm.data.datamodule import resolve_seed, step_seed
 from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
 
 #: Bumped whenever the checkpoint payload changes incompatibly; older payloads are refused.
 FORMAT_VERSION = 1
 
-_MASK64 = (1 << 63) - 1
-
 log = logging.getLogger(__name__)
-
-
-def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed that is a pure function of (seed, rank, step, stream).
-
-    Seeding every step from this makes a run's randomness (batch indices, noise, dropout) independent of
-    how it was interrupted: resuming at step k draws exactly what an uninterrupted run draws at step k,
-    with no RNG state to save. Ranks get different streams.
-    """
-    h = hashlib.blake2b(f"{seed}:{rank}:{step}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & _MASK64
-
-
-def global_seed() -> int:
-    """The seed given to ``seed_everything`` (Lightning exports it as PL_GLOBAL_SEED), else 0."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -179,7 +162,12 @@ class IDQLModule(pl.LightningModule):
     # ------------------------------------------------------------------ per-step plumbing
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Randomness of step k is a function of (seed, rank, k): exact resume without saved RNG state.
-        torch.manual_seed(step_seed(global_seed(), self.global_rank, self.global_step, stream=1))
+        seed = step_seed(resolve_seed(None), self.global_rank, self.global_step, stream=1)
+        # Only the generators in use: torch.manual_seed also seeds uninitialised CUDA/XPU/MTIA back-ends, each
+        # recording a stack trace, ~0.5 ms a step on CPU (scripts/bench.py --ablate).
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         self._skip_update = False
