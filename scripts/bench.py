@@ -61,7 +61,12 @@ FULL: dict[str, Any] = {
     "train_rows": 1_000_000,
     "batch_size": 256,
     "warmup_steps": {"iql": 20, "edm": 10, "ct": 10, "cd": 10},
-    # whole multiples of log_every_n_steps, so each timed window holds the same share of logging steps
+    # Training is timed in alternating blocks inside one fit: `block_steps` bare-loop steps, then `block_steps`
+    # Lightning steps, and so on. Consecutive blocks are summed into groups of log_every_n_steps steps a side, so each
+    # group holds exactly one logging step; `groups` of them per module.
+    "block_steps": 10,
+    "groups": {"iql": 20, "edm": 8, "ct": 8, "cd": 6},
+    # diagnostics (--ablate, --profile) time whole runs of this many steps
     "timed_steps": {"iql": 400, "edm": 200, "ct": 200, "cd": 200},
     "rounds": 6,
     "log_every_n_steps": 100,
@@ -88,6 +93,8 @@ QUICK: dict[str, Any] = {
     "train_rows": 2_000,
     "batch_size": 32,
     "warmup_steps": {k: 2 for k in KINDS},
+    "block_steps": 2,
+    "groups": {k: 2 for k in KINDS},
     "timed_steps": {k: 4 for k in KINDS},
     "rounds": 1,
     "log_every_n_steps": 2,
@@ -184,19 +191,24 @@ def write_dataset(path: Path, rows: int) -> str:
     return str(path)
 
 
-def make_module(kind: str, cfg: dict[str, Any], teacher_ckpt: str | None = None):
+def make_module(kind: str, cfg: dict[str, Any], teacher_ckpt: str | None = None, compile: bool = False):
     from idql_cm.modules import CDModule, CTModule, EDMModule, IQLModule
 
     net = copy.deepcopy(cfg["net"])
     if kind == "iql":
-        return IQLModule(hidden_dim=cfg["iql_hidden"])
+        return IQLModule(hidden_dim=cfg["iql_hidden"], compile=compile)
     if kind == "edm":
-        return EDMModule(net=net)
+        return EDMModule(net=net, compile=compile)
     if kind == "ct":
-        return CTModule(net=net)
+        return CTModule(net=net, compile=compile)
     if kind == "cd":
-        return CDModule(teacher_ckpt=teacher_ckpt)  # the net comes from the teacher checkpoint
+        return CDModule(teacher_ckpt=teacher_ckpt, compile=compile)  # the net comes from the teacher checkpoint
     raise ValueError(kind)
+
+
+def _sync_fn(device: str):
+    """What makes a wall-clock mark honest on this device: CUDA work is asynchronous, so drain the stream first."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 def StepTimer(warmup: int, steps: int):  # noqa: N802 - used like a class
@@ -230,24 +242,52 @@ def make_trainer(max_steps: int, cfg: dict[str, Any], log_dir: str | None, versi
     logger = (TensorBoardLogger(save_dir=log_dir, name="", version=version, default_hp_metric=False)
               if log_dir else False)
     return pl.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=max_steps,
+        accelerator="gpu" if cfg.get("device") == "cuda" else "cpu", devices=1,
+        precision=cfg.get("precision", "32-true"), max_steps=max_steps,
         logger=logger, log_every_n_steps=cfg["log_every_n_steps"],
         enable_progress_bar=progress_bar, enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=list(callbacks),
     )
 
 
-def lightning_step_times(kind: str, dm, cfg: dict[str, Any], log_dir: str, tag: str,
-                         teacher_ckpt: str | None) -> list[float]:
-    import lightning.pytorch as pl
+def PairedTimer(warmup: int, block: int, blocks: int, bare: BareLoop, sync):  # noqa: N802 - used like a class
+    """A Lightning callback that times the Trainer and the bare loop in alternating blocks inside one ``fit``.
 
-    pl.seed_everything(0, verbose=False)
-    warm, steps = cfg["warmup_steps"][kind], cfg["timed_steps"][kind]
-    module = make_module(kind, cfg, teacher_ckpt)
-    timer = StepTimer(warm, steps)
-    trainer = make_trainer(warm + steps, cfg, log_dir, f"{kind}_{tag}", [timer])
-    trainer.fit(module, datamodule=dm)
-    return timer.step_times
+    After ``warmup`` Lightning steps it warms the bare loop up, then alternates ``blocks`` times: ``block`` bare steps
+    (run inside this hook, outside the Lightning window), then ``block`` Lightning steps (each a whole loop
+    iteration: batch fetch, every hook, optimiser step, logging). The two sides run a fraction of a second apart, so
+    a slow spell of a shared machine slows both and their ratio cancels it, where separate whole runs do not.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    class _PairedTimer(Callback):
+        def __init__(self):
+            self.lightning: list[float] = []  # seconds per block
+            self.bare: list[float] = []
+            self._t0: float | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            k = trainer.global_step  # steps done, this one included
+            if k < warmup or (k - warmup) % block:
+                return
+            sync()
+            now = time.perf_counter()
+            if self._t0 is not None:
+                self.lightning.append(now - self._t0)
+            if len(self.bare) < blocks:
+                with torch.enable_grad():
+                    if k == warmup:
+                        for _ in range(warmup):
+                            bare.step()
+                    sync()
+                    t = time.perf_counter()
+                    for _ in range(block):
+                        bare.step()
+                    sync()
+                    self.bare.append(time.perf_counter() - t)
+            self._t0 = time.perf_counter()
+
+    return _PairedTimer()
 
 
 def make_teacher(dm, cfg: dict[str, Any], path: str) -> str:
@@ -263,7 +303,10 @@ def make_teacher(dm, cfg: dict[str, Any], path: str) -> str:
 
 
 class BareLoop:
-    """The same math as the modules' ``training_step`` + ``optimizer_step``, in a plain PyTorch loop."""
+    """The same math as the modules' ``training_step`` + ``optimizer_step``, in a plain PyTorch loop.
+
+    On CUDA with ``bf16-mixed`` it runs the losses under the same bf16 autocast as Lightning's precision plugin.
+    """
 
     def __init__(self, kind: str, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], total_steps: int,
                  teacher_ckpt: str | None = None):
@@ -276,7 +319,10 @@ class BareLoop:
         from idql_cm.nets.mlp import IDQLMlp
 
         torch.manual_seed(0)
-        self.kind, self.tensors, self.total = kind, tensors, total_steps
+        self.device = torch.device(cfg.get("device", "cpu"))
+        self.autocast = cfg.get("precision") == "bf16-mixed"
+        self.kind, self.total = kind, total_steps
+        self.tensors = {k: t.to(self.device) for k, t in tensors.items()}
         self.n_rows = int(next(iter(tensors.values())).shape[0])
         self.batch_size = cfg["batch_size"]
         self.step_idx = 0
@@ -284,7 +330,7 @@ class BareLoop:
         self.ema = EMAWarmup(power=2 / 3, max_value=0.9999)
         if kind == "iql":
             h = cfg["iql_hidden"]
-            self.q, self.v = TwinQ(OBS_DIM, ACT_DIM, h), ValueNet(OBS_DIM, h)
+            self.q, self.v = TwinQ(OBS_DIM, ACT_DIM, h).to(self.device), ValueNet(OBS_DIM, h).to(self.device)
             self.q_target = copy.deepcopy(self.q).requires_grad_(False)
             params = list(self.q.parameters()) + list(self.v.parameters())
             self.opt = torch.optim.Adam(params, lr=3e-4, weight_decay=0.0)
@@ -299,12 +345,13 @@ class BareLoop:
             method = {k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")}
             self.teacher = EDMDenoiser(IDQLMlp(OBS_DIM, ACT_DIM, **kw), **method)
             self.teacher.load_state_dict(_sub(state, "ema_model."))
-            self.teacher.requires_grad_(False).eval()
+            self.teacher.requires_grad_(False).eval().to(self.device)
             self.model = ConsistencyModel(IDQLMlp(OBS_DIM, ACT_DIM, **kw), **method)
             self.model.net.load_state_dict(_sub(state, "model.net."))
+            self.model.to(self.device)
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
             self.ema_model.net.load_state_dict(_sub(state, "ema_model.net."))
-            self.distill_sigmas = karras_sigmas(18)
+            self.distill_sigmas = karras_sigmas(18, device=self.device)
             self.opt = torch.optim.Adam(self.model.parameters(), lr=3e-4, weight_decay=0.0)  # constant LR
             return
         if kind == "edm":
@@ -314,13 +361,13 @@ class BareLoop:
             self._grid = None
         else:
             raise ValueError(kind)
-        self.model.train()
+        self.model.to(self.device).train()
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=3e-4, weight_decay=0.0)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
 
     def batch(self) -> dict[str, torch.Tensor]:
-        idx = torch.randint(self.n_rows, (self.batch_size,))
+        idx = torch.randint(self.n_rows, (self.batch_size,), device=self.device)
         return {k: t[idx] for k, t in self.tensors.items()}
 
     def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -347,7 +394,7 @@ class BareLoop:
         if self.kind == "ct":
             n = ict_num_intervals(self.step_idx, ict_kprime(self.total, 10, 1280), 10, 1280)
             if self._grid is None or self._grid[0] != n:
-                sig = karras_sigmas(n, 0.002, 80.0, 7.0)
+                sig = karras_sigmas(n, 0.002, 80.0, 7.0, device=self.device)
                 self._grid = (n, sig, lognormal_index_probs(sig, -1.1, 2.0))
             return ct_loss(self.model, b["act"], b["obs"], self._grid[1], self._grid[2])[0]
         return cd_loss(self.model, self.ema_model, self.teacher, b["act"], b["obs"], self.distill_sigmas, solver="heun")
@@ -355,7 +402,8 @@ class BareLoop:
     def step(self) -> None:
         from idql_cm.nets.ema import ema_update_
 
-        loss = self.loss(self.batch())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss(self.batch())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -392,7 +440,56 @@ def make_datamodule(path: str, cfg: dict[str, Any]):
     return dm
 
 
-def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print) -> dict[str, Any]:
+def paired_step_times(kind: str, dm, cfg: dict[str, Any], log_dir: str, teacher_ckpt: str | None):
+    """One ``fit`` of the module with the bare loop timed in alternating blocks (see :func:`PairedTimer`);
+    returns (Lightning, bare) seconds per step, one entry per group of ``log_every_n_steps`` steps a side."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    warm, block, period = cfg["warmup_steps"][kind], cfg["block_steps"], cfg["log_every_n_steps"]
+    if period % block:
+        raise ValueError(f"block_steps ({block}) must divide log_every_n_steps ({period})")
+    per_group = period // block
+    blocks = cfg["groups"][kind] * per_group
+    total = warm + block * blocks
+    module = make_module(kind, cfg, teacher_ckpt)
+    bare = BareLoop(kind, dm.tensors, cfg, warm + total, teacher_ckpt)
+    timer = PairedTimer(warm, block, blocks, bare, _sync_fn(cfg.get("device", "cpu")))
+    trainer = make_trainer(total, cfg, log_dir, f"{kind}_paired", [timer])
+    trainer.fit(module, datamodule=dm)
+    if len(timer.lightning) != blocks or len(timer.bare) != blocks:
+        raise RuntimeError(f"PairedTimer: expected {blocks} blocks each, found {len(timer.lightning)} Lightning and "
+                           f"{len(timer.bare)} bare")
+
+    def grouped(xs: list[float]) -> list[float]:
+        return [sum(xs[i:i + per_group]) / period for i in range(0, len(xs), per_group)]
+
+    return grouped(timer.lightning), grouped(timer.bare)
+
+
+def compiled_steps_per_s(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str | None) -> float:
+    """Steps/s of the opt-in fast path (``compile: true``) through the Trainer, after a warm-up that compiles."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    warm, steps = 3 * cfg["warmup_steps"][kind], cfg["log_every_n_steps"] * max(2, cfg["groups"][kind] // 2)
+    module = make_module(kind, cfg, teacher_ckpt, compile=True)
+    sync = _sync_fn(cfg.get("device", "cpu"))
+    marks: list[float] = []
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Marks(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (warm, warm + steps):
+                sync()
+                marks.append(time.perf_counter())
+
+    make_trainer(warm + steps, cfg, None, f"{kind}_compiled", [Marks()]).fit(module, datamodule=dm)
+    return steps / (marks[1] - marks[0])
+
+
+def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compiled: bool = False) -> dict[str, Any]:
     t = time.perf_counter()
     path = write_dataset(Path(work) / "synthetic_d4rl.hdf5", cfg["train_rows"])
     dm = make_datamodule(path, cfg)
@@ -402,42 +499,39 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print) -> di
     teacher = make_teacher(dm, cfg, str(Path(work) / "edm_teacher.ckpt")) if "cd" in kinds else None
     out: dict[str, Any] = {}
     for kind in kinds:
-        lt, bt, lmed, bmed, loads = [], [], [], [], []
-        for r in range(cfg["rounds"]):
-            gc.collect()
-            steps = lightning_step_times(kind, dm, cfg, work, f"r{r}", teacher)
-            lt.append(statistics.fmean(steps))
-            lmed.append(statistics.median(steps))
-            gc.collect()
-            steps = bare_step_times(kind, dm.tensors, cfg, teacher)
-            bt.append(statistics.fmean(steps))
-            bmed.append(statistics.median(steps))
-            loads.append(_load1())
-        # per round: mean seconds per step over the timed window (periodic costs such as logging included);
-        # across rounds: the median (a round hit by another process's burst on this 2-core machine drops out)
+        gc.collect()
+        load_before = _load1()
+        lt, bt = paired_step_times(kind, dm, cfg, work, teacher)
+        ratios = [a / b for a, b in zip(lt, bt, strict=True)]
+        # per group: Lightning / bare seconds per step over interleaved blocks; across groups: the median
         l_sec, b_sec = statistics.median(lt), statistics.median(bt)
         out[kind] = {
             "lightning": 1.0 / l_sec,
             "bare": 1.0 / b_sec,
-            "ratio": l_sec / b_sec,
+            "ratio": statistics.median(ratios),
             "lightning_ms_per_step": 1e3 * l_sec,
             "bare_ms_per_step": 1e3 * b_sec,
             "overhead_ms_per_step": 1e3 * (l_sec - b_sec),
-            "rounds_lightning_ms": [round(1e3 * x, 3) for x in lt],
-            "rounds_bare_ms": [round(1e3 * x, 3) for x in bt],
-            "median_step_lightning_ms": round(1e3 * statistics.median(lmed), 3),
-            "median_step_bare_ms": round(1e3 * statistics.median(bmed), 3),
-            "loadavg_1min_after_rounds": loads,
-            # another process's burst shows as rounds far apart (2 OpenMP threads on 2 shared cores stall badly)
+            "groups_lightning_ms": [round(1e3 * x, 3) for x in lt],
+            "groups_bare_ms": [round(1e3 * x, 3) for x in bt],
+            "group_ratios": [round(x, 4) for x in ratios],
+            "ratio_max": max(ratios),
+            "loadavg_1min": [load_before, _load1()],
+            # the machine's speed changed during the run (another tenant's burst on these shared cores): the paired
+            # ratio is robust to slow spells longer than a block, the absolute steps/s are not
             "noisy": max(lt) / min(lt) > NOISY_SPREAD or max(bt) / min(bt) > NOISY_SPREAD,
         }
         o = out[kind]
         log(f"  {kind:4s} lightning {o['lightning']:7.1f} steps/s  bare {o['bare']:7.1f} steps/s  "
-            f"ratio {o['ratio']:.3f}  (per-round ms: L {o['rounds_lightning_ms']}, B {o['rounds_bare_ms']}; "
-            f"median step L {o['median_step_lightning_ms']} B {o['median_step_bare_ms']})")
+            f"ratio {o['ratio']:.3f}  (group ratios {o['group_ratios']}; ms/step L {o['groups_lightning_ms']}, "
+            f"B {o['groups_bare_ms']})")
         if o["noisy"]:
-            log(f"  WARNING: {kind} rounds differ by more than {NOISY_SPREAD:.2f}x: the machine was busy; "
-                "the median drops a minority of such rounds, but rerun on a quiet machine to be sure")
+            log(f"  note: {kind} blocks differ by more than {NOISY_SPREAD:.2f}x in speed (the machine was busy); the "
+                "paired ratio is robust to that, the absolute steps/s less so")
+        if compiled:
+            gc.collect()
+            o["lightning_compiled"] = compiled_steps_per_s(kind, dm, cfg, teacher)
+            log(f"  {kind:4s} lightning, compile: true: {o['lightning_compiled']:7.1f} steps/s")
     return out
 
 
@@ -513,16 +607,17 @@ def random_actor_and_critic(kind: str, cfg: dict[str, Any]):
     from idql_cm.nets.mlp import IDQLMlp
 
     torch.manual_seed(0)
+    dev = torch.device(cfg.get("device", "cpu"))
     kw = net_kwargs(cfg["net"], fourier_scale=0.02 if kind == "ct" else 16.0)
     net = IDQLMlp(OBS_DIM, ACT_DIM, **kw)
     model = EDMDenoiser(net) if kind == "edm" else ConsistencyModel(net)
-    model = model.eval().requires_grad_(False)
-    zeros, ones = torch.zeros(OBS_DIM), torch.ones(OBS_DIM)
+    model = model.eval().requires_grad_(False).to(dev)
+    zeros, ones = torch.zeros(OBS_DIM, device=dev), torch.ones(OBS_DIM, device=dev)
     actor = Actor(kind=kind, model=model, obs_mean=zeros, obs_std=ones, act_dim=ACT_DIM, env_id="HalfCheetah-v5",
                   solver="euler")
     h = cfg["iql_hidden"]
-    critic = Critic(q_target=TwinQ(OBS_DIM, ACT_DIM, h).eval().requires_grad_(False),
-                    v=ValueNet(OBS_DIM, h).eval().requires_grad_(False), obs_mean=zeros, obs_std=ones,
+    critic = Critic(q_target=TwinQ(OBS_DIM, ACT_DIM, h).eval().requires_grad_(False).to(dev),
+                    v=ValueNet(OBS_DIM, h).eval().requires_grad_(False).to(dev), obs_mean=zeros, obs_std=ones,
                     act_dim=ACT_DIM, env_id="HalfCheetah-v5")
     return actor, critic
 
@@ -530,20 +625,25 @@ def random_actor_and_critic(kind: str, cfg: dict[str, Any]):
 def bench_action(cfg: dict[str, Any], log=print) -> dict[str, Any]:
     from idql_cm.eval.agent import IDQLAgent
 
-    obs = torch.randn(cfg["action_envs"], OBS_DIM, generator=torch.Generator().manual_seed(0))
+    dev = torch.device(cfg.get("device", "cpu"))
+    sync = _sync_fn(dev.type)
+    obs = torch.randn(cfg["action_envs"], OBS_DIM, generator=torch.Generator().manual_seed(0)).to(dev)
     out: dict[str, Any] = {}
     for kind in ACTOR_KINDS:
         actor, critic = random_actor_and_critic(kind, cfg)
         agent = IDQLAgent(actor, critic, num_candidates=cfg["action_candidates"], temperature=100.0)
         out[kind] = {}
         for nfe in NFES:
-            g = torch.Generator().manual_seed(0)
-            agent.act_tensor(obs, nfe, generator=g)  # warm-up
+            g = torch.Generator(device=dev).manual_seed(0)
+            for _ in range(3 if dev.type == "cuda" else 1):  # warm-up (CUDA: kernels and allocator)
+                agent.act_tensor(obs, nfe, generator=g)
             times: list[float] = []
             t_all = time.perf_counter()
             while len(times) < cfg["action_min_calls"] or time.perf_counter() - t_all < cfg["action_min_seconds"]:
+                sync()
                 t0 = time.perf_counter()
                 a = agent.act_tensor(obs, nfe, generator=g)
+                sync()
                 times.append(time.perf_counter() - t0)
             assert a.shape == (cfg["action_envs"], ACT_DIM)
             out[kind][f"nfe{nfe}"] = 1e3 * statistics.median(times)
@@ -615,9 +715,8 @@ def profile_lightning(kind: str, cfg: dict[str, Any], work: str, top: int = 40) 
 ABLATIONS = (
     ("as shipped", {}),
     ("+ TQDM progress bar (refresh 100)", {"progress_bar": True}),
-    ("A: seed via default_generator", {"cheap_seed": True}),
-    ("A + check_finite_every=100", {"cheap_seed": True, "finite_every": 100}),
-    ("A + no finite check, no logging", {"cheap_seed": True, "finite_every": 10**9, "no_log": True}),
+    ("check_finite_every=100", {"finite_every": 100}),
+    ("no finite check, no logging", {"finite_every": 10**9, "no_log": True}),
     ("no seed, no finite check, no logging", {"no_seed": True, "finite_every": 10**9, "no_log": True}),
     ("... and no data-stream reseed", {"no_seed": True, "finite_every": 10**9, "no_log": True, "no_data_seed": True}),
 )
@@ -630,17 +729,10 @@ def _ablated_step_times(kind: str, dm, cfg: dict[str, Any], work: str, tag: str,
     import lightning.pytorch as pl
 
     from idql_cm.data import datamodule as dmod
-    from idql_cm.modules.common import global_seed, step_seed
 
     pl.seed_everything(0, verbose=False)
     warm, steps = cfg["warmup_steps"][kind], cfg["timed_steps"][kind]
     module = make_module(kind, cfg, teacher)
-    if opts.get("cheap_seed"):
-        # the same seed into the CPU generator, without torch.manual_seed's lazy CUDA/XPU/MTIA seeding
-        # (each of which records traceback.format_stack() of the deep Lightning stack when no device is initialised)
-        def hook(self, batch, batch_idx):
-            torch.default_generator.manual_seed(step_seed(global_seed(), self.global_rank, self.global_step, stream=1))
-        module.on_train_batch_start = types.MethodType(hook, module)
     if opts.get("no_seed"):
         module.on_train_batch_start = types.MethodType(lambda self, batch, batch_idx: None, module)
     if opts.get("finite_every"):
@@ -762,7 +854,7 @@ def instrument(kind: str, dm, cfg: dict[str, Any], work: str, teacher: str | Non
             depth.append(len(inspect.stack(0)))
         t0 = time.perf_counter()
         seed_hook(batch, batch_idx)
-        acc.setdefault("on_train_batch_start: torch.manual_seed(step_seed(...))", []).append(time.perf_counter() - t0)
+        acc.setdefault("on_train_batch_start: per-step seeding, should_log", []).append(time.perf_counter() - t0)
 
     module.on_train_batch_start = types.MethodType(on_start, module)
     for name, label in (("on_before_optimizer_step", "on_before_optimizer_step (grad norm, finite check, sync)"),
@@ -853,14 +945,18 @@ def table(res: dict[str, Any]) -> str:
              + (" (QUICK sizes: not representative)" if res["settings"]["quick"] else ""), ""]
     tr = res.get("train_steps_per_s")
     if tr:
-        bs = res["settings"]["batch_size"]
-        lines += [f"| training (batch {bs}, fp32, CPU) | Lightning steps/s | bare PyTorch steps/s | ratio (L/bare time) |",
-                  "| --- | ---: | ---: | ---: |"]
+        st = res["settings"]
+        where = f"{st.get('precision', '32-true')}, {st.get('device', 'cpu').upper()}"
+        comp = any("lightning_compiled" in tr[k] for k in tr)
+        lines += [f"| training (batch {st['batch_size']}, {where}) | Lightning steps/s | bare PyTorch steps/s | "
+                  "ratio (L/bare time) |" + (" Lightning, compile: true |" if comp else ""),
+                  "| --- | ---: | ---: | ---: |" + (" ---: |" if comp else "")]
         for k in KINDS:
             if k in tr:
-                flag = " (noisy: machine busy)" if tr[k].get("noisy") else ""
+                flag = " (speed varied: machine busy)" if tr[k].get("noisy") else ""
                 lines.append(f"| {k.upper()}{flag} | {tr[k]['lightning']:.1f} | {tr[k]['bare']:.1f} | "
-                             f"{tr[k]['ratio']:.3f} |")
+                             f"{tr[k]['ratio']:.3f} |" + (f" {tr[k].get('lightning_compiled', float('nan')):.1f} |"
+                                                         if comp else ""))
         lines.append("")
     sp = res.get("sampler")
     if sp:
@@ -893,7 +989,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="train,sampler,action,eval",
                    help="comma-separated subset of train,sampler,action,eval")
     p.add_argument("--kinds", default=",".join(KINDS), help="training modules to bench (iql,edm,ct,cd)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating Lightning/bare rounds per module")
+    p.add_argument("--rounds", type=int, default=None, help="with --ablate: interleaved rounds per variant")
+    p.add_argument("--groups", type=int, default=None,
+                   help="training: timed groups (log_every_n_steps steps a side) per module")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train and act (auto: cuda when available); CUDA runs bf16-mixed, CPU fp32")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="also time the opt-in fast path (compile: true) through the Trainer (auto: on with CUDA; on "
+                        "CPU it costs 10-20 s of compilation per module and gains nothing)")
     p.add_argument("--profile", choices=KINDS, default=None,
                    help="print a cProfile of one module's Lightning loop and exit (writes no results)")
     p.add_argument("--no-ablation-rounds", action="store_true",
@@ -907,6 +1010,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = copy.deepcopy(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.groups:
+        cfg["groups"] = {k: args.groups for k in KINDS}
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench.py: --device cuda: expected a CUDA device, found none (torch "
+              f"{torch.__version__}, torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    cfg.update(device=device, precision="bf16-mixed" if device == "cuda" else "32-true")
+    compiled = args.compile == "on" or (args.compile == "auto" and device == "cuda")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     kinds = tuple(k for k in args.kinds.split(",") if k)
     log = print
@@ -924,7 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, Any] = {"machine": machine_info(),
                                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         settings = {k: v for k, v in cfg.items()}
-        settings.update(quick=args.quick, precision="32-true", device="cpu",
+        settings.update(quick=args.quick, compiled_fast_path=compiled,
                         logger=f"TensorBoard, log_every_n_steps={cfg['log_every_n_steps']}",
                         obs_dim=OBS_DIM, act_dim=ACT_DIM,
                         data="synthetic D4RL-layout HDF5 (tests/synth.py) through TDDataModule for training; "
@@ -935,16 +1047,16 @@ def main(argv: list[str] | None = None) -> int:
             f"GPU {m['gpu'] or 'none'}, load average {m['loadavg_start']}")
         if "train" in only:
             log("training throughput (Lightning vs bare loop):")
-            res["train_steps_per_s"] = bench_training(settings, work, kinds, log)
+            res["train_steps_per_s"] = bench_training(settings, work, kinds, log, compiled=compiled)
         if "sampler" in only:
             log("batch sampling:")
             res["sampler"] = bench_sampler(cfg, log)
         if "action" in only:
             log(f"IDQL action selection ({cfg['action_envs']} x {cfg['action_candidates']}):")
-            res["action_ms"] = bench_action(cfg, log)
+            res["action_ms"] = bench_action(settings, log)
         if "eval" in only:
             log("evaluation throughput:")
-            res["eval"] = bench_eval(cfg, log)
+            res["eval"] = bench_eval(settings, log)
             res["eval_env_steps_per_s"] = res["eval"]["env_steps_per_s"]
         try:
             res["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -14,7 +14,6 @@ evaluation report) is skipped; an interrupted one resumes from checkpoints/last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

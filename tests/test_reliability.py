@@ -298,23 +298,41 @@ def test_the_command_stops_on_nan_refuses_wrong_teacher_and_bad_data_warns_on_cl
 
 
 # --------------------------------------------------------------------------------------- 2. non-finite values
-def _poisoned(tmp_path, dataset: str, stage: str, what: str, steps: list[int], mode: str = "stop") -> Path:
-    return _config(tmp_path, "run", stage, dataset, steps=8, every=1, model_args={"nonfinite": mode}, callbacks=[
+def _poisoned(tmp_path, dataset: str, stage: str, what: str, steps: list[int], mode: str = "stop",
+              every: int = 1) -> Path:
+    return _config(tmp_path, "run", stage, dataset, steps=8, every=every, model_args={"nonfinite": mode}, callbacks=[
         {"class_path": "tests.probes.PoisonAt", "init_args": {"steps": steps, "what": what}},
         {"class_path": "tests.probes.StateTrace", "init_args": {"out": str(tmp_path / "trace.json")}}])
 
 
-@pytest.mark.parametrize("stage,what,quantity", [("iql", "grad", "non-finite gradient norm"),
-                                                 ("iql", "batch", "non-finite v_loss, q_loss and gradient norm"),
-                                                 ("ct", "grad", "non-finite gradient norm")])
-def test_nonfinite_stops_with_one_line_and_keeps_the_last_good_checkpoint(stage, what, quantity, data, tmp_path,
-                                                                           capsys):
-    """Caught on every checked step (not only on logging steps: log_every_n_steps is 5 here)."""
-    cfg = _poisoned(tmp_path, data["A"], stage, what, [3])
-    rc, err = _cli(capsys, "fit", "--config", cfg, "--trainer.log_every_n_steps", "5")
-    _error_line(rc, err, f"{stage.upper()}Module", quantity, "at step 3", "last good checkpoint")
+@pytest.mark.parametrize("stage,what,log_every,needles", [
+    # a NaN loss: caught on every step before the update (not only on logging steps: those are every 5 here)
+    ("iql", "batch", 5, ["non-finite v_loss and q_loss", "at step 3", "before the update"]),
+    # a finite loss with an Inf gradient on a logging step (step 4 is the 5th): caught before the update
+    ("iql", "grad@4", 5, ["non-finite gradient norm", "at step 4", "before the update"]),
+    # ... and on a step that does not log: stop mode reads gradients only on logging steps, so the update goes
+    # through, and the checkpoint after it (one every step here) is refused: the last good one stays
+    ("iql", "grad", 5, ["non-finite weights", "after step 3", "checked on logging steps"]),
+    ("ct", "grad", 5, ["non-finite weights", "after step 3", "checked on logging steps"]),
+])
+def test_nonfinite_stops_with_one_line_and_keeps_the_last_good_checkpoint(stage, what, log_every, needles, data,
+                                                                           tmp_path, capsys):
+    what, _, at = what.partition("@")
+    step = int(at or 3)
+    cfg = _poisoned(tmp_path, data["A"], stage, what, [step])
+    rc, err = _cli(capsys, "fit", "--config", cfg, "--trainer.log_every_n_steps", str(log_every))
+    _error_line(rc, err, f"{stage.upper()}Module", *needles, "last good checkpoint")
     last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == 3 and _all_finite(last["state_dict"])
+    assert last["global_step"] == step and _all_finite(last["state_dict"])
+
+
+def test_a_gradient_that_got_through_stops_at_the_next_loss_with_the_cause(data, tmp_path, capsys):
+    """Stop mode, no checkpoint after the poisoned update: the next step's loss is non-finite, and the line says
+    why (the weights already were) instead of blaming the data."""
+    cfg = _poisoned(tmp_path, data["A"], "iql", "grad", [3], every=100)
+    rc, err = _cli(capsys, "fit", "--config", cfg, "--trainer.log_every_n_steps", "5")
+    _error_line(rc, err, "IQLModule", "at step 4", "weights were already non-finite", "gradient of step 3",
+                "no checkpoint had been written yet")
 
 
 @pytest.mark.parametrize("stage,what", [("edm", "batch"), ("iql", "grad")])

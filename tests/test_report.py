@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
-from idql_cm.data.scores import normalized_score
 
+from idql_cm.data.scores import normalized_score
 from idql_cm.errors import DataError
 from idql_cm.eval.report import (
     add_report_parser,

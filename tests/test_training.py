@@ -107,7 +107,7 @@ def test_ddp_two_cpu_ranks(dataset, tmp_path):
     p1 = json.loads((root / "probe_rank1.json").read_text())
     assert p0["world_size"] == p1["world_size"] == 2
     assert len(p0["batches"]) == len(p1["batches"]) == 4
-    assert all(abs(x - y) > 1e-6 for x, y in zip(p0["batches"], p1["batches"])), "ranks drew the same batches"
+    assert all(abs(x - y) > 1e-6 for x, y in zip(p0["batches"], p1["batches"], strict=True)), "ranks drew the same batches"
     assert p0["param_sum"] == pytest.approx(p1["param_sum"], rel=1e-6, abs=1e-6)
     assert p0["param_sq"] == pytest.approx(p1["param_sq"], rel=1e-6)
     assert len(list(root.glob("events.out.tfevents.*"))) == 1

@@ -75,6 +75,8 @@ class IDQLModule(pl.LightningModule):
         self.skipped_steps = 0
         self._watched: list[tuple[str, torch.Tensor]] = []  # this step's losses, checked before the update
         self._skip_update = False  # set when this step's update is skipped (model.nonfinite: skip)
+        self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
+        self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -120,10 +122,12 @@ class IDQLModule(pl.LightningModule):
         if state and not bool(torch.stack([torch.isfinite(v).all() for v in state]).all()):
             bad = next(k for k, v in checkpoint["state_dict"].items()
                        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+            hint = ("with nonfinite: stop gradients are checked on logging steps; nonfinite: skip checks them before "
+                    "every update" if self.check_finite_every == 1 else
+                    "lower model.init_args.check_finite_every to catch the step that caused it")
             raise NonFiniteError(
-                f"{type(self).__name__}: non-finite weights ({bad}) at step {self.global_step}; the checkpoint was not "
-                f"written, {self._last_good_checkpoint()} (lower model.init_args.check_finite_every to catch the "
-                "step that caused it)")
+                f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
+                f"was not written, {self._last_good_checkpoint()} ({hint})")
         checkpoint["idql_cm"] = {
             "format": FORMAT_VERSION,
             "kind": self.kind,
@@ -168,6 +172,9 @@ class IDQLModule(pl.LightningModule):
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
+        # Whether this step logs is fixed for the whole step: ask Lightning once, not 2-4 times (~20 µs each).
+        self._log_now = None
+        self._log_now = self.should_log()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         self._skip_update = False
@@ -186,6 +193,8 @@ class IDQLModule(pl.LightningModule):
         Modules call ``self.log`` only then: it costs ~2 ms a call, and a logged tensor is read back
         (a host sync) only when written.
         """
+        if self._log_now is not None:  # cached by on_train_batch_start for the current step
+            return self._log_now
         try:
             return bool(self.trainer._logger_connector.should_update_logs)
         except (AttributeError, RuntimeError, NotImplementedError):
@@ -194,11 +203,20 @@ class IDQLModule(pl.LightningModule):
     def watch_finite(self, name: str, value: torch.Tensor) -> None:
         """Have ``value`` (a loss of this step) checked for NaN/Inf before this step's update.
 
-        No host sync here: the check happens in :meth:`on_before_optimizer_step`, together with the gradient
-        norm, as one read-back every ``check_finite_every`` steps (1 = every step; GPU configs may raise it,
-        trading detection latency for speed).
+        No host sync here: the check happens in :meth:`on_before_optimizer_step` as one read-back every
+        ``check_finite_every`` steps (1 = every step; on a GPU the read-back is a device sync, so fast runs raise
+        it, trading detection latency for speed), together with the gradient norm where that is computed.
         """
         self._watched.append((name, value.detach()))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._log_now = None  # outside a training step, should_log() asks Lightning again
+
+    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The optimiser's parameters, listed once (walking the param groups every step costs ~30 µs)."""
+        if self._opt_params is None or self._opt_params[0] != id(optimizer):
+            self._opt_params = (id(optimizer), [p for g in optimizer.param_groups for p in g["params"]])
+        return self._opt_params[1]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After backward, before the optimiser touches the weights: the last point where a bad step can be
@@ -208,35 +226,47 @@ class IDQLModule(pl.LightningModule):
         log = self.should_log()
         if not (check or log):
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        # The gradients cost one pass over them (~0.3 ms a step for IQL's critics and ~0.8 ms for the 1.6M-parameter
+        # nets on a 2-core CPU, scripts/bench.py --ablate): skip mode reads them before every checked update, as it
+        # must act before a bad update; stop mode only on logging steps (train/grad_norm), because a non-finite
+        # gradient that gets through makes the weights, hence the next step's loss, non-finite: training stops
+        # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
+        norms = None
+        if log or (check and self.nonfinite == "skip"):
+            grads = [p.grad for p in self._params_of(optimizer) if p.grad is not None]
+            # per-tensor norms in one fused call: a non-finite gradient makes its norm non-finite
+            norms = torch.stack(torch._foreach_norm(grads)) if grads else None
         if check:
-            self._check_finite(watched, norm, optimizer)
+            self._check_finite(watched, norms, optimizer)
         if log:
-            if norm is not None and not self._skip_update:
-                self.log("train/grad_norm", norm)
+            if norms is not None and not self._skip_update:
+                self.log("train/grad_norm", torch.linalg.vector_norm(norms))
             self.log("train/lr", optimizer.param_groups[0]["lr"])
 
-    def _check_finite(self, watched: list[tuple[str, torch.Tensor]], norm: torch.Tensor | None,
+    def _check_finite(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None,
                       optimizer: torch.optim.Optimizer) -> None:
-        """Stop (raise) or skip the update when a watched loss or the gradient norm is NaN/Inf."""
-        named = watched + ([("gradient norm", norm)] if norm is not None else [])
-        if not named:
+        """Stop (raise) or skip the update when a watched loss or a gradient is NaN/Inf.
+
+        ``watched`` are this step's scalar losses and ``grad_norms`` the per-tensor gradient norms (or None). The hot
+        path is one sum and one read-back (the host sync of a checked step): a sum is non-finite iff a term is (or the
+        terms overflow float32, which is no healthy loss either); which one is bad is worked out only on failure.
+        """
+        terms = [v.reshape(()).float() for _, v in watched] + ([grad_norms.sum()] if grad_norms is not None else [])
+        if not terms:
             return
-        bad = torch.stack([~torch.isfinite(v).all() for _, v in named]).float()
+        total = torch.stack(terms).sum()
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             # every rank decides the same: a skip on one rank only would make the replicas diverge
-            bad = trainer.strategy.reduce(bad, reduce_op="sum")
-        flags = bad.tolist()  # the one host sync of a checked step
-        if not any(flags):
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+        if math.isfinite(total.item()):
             return
-        names = [name for (name, _), f in zip(named, flags, strict=True) if f]
+        named = watched + ([("gradient norm", grad_norms)] if grad_norms is not None else [])
+        names = [name for name, v in named if not bool(torch.isfinite(v).all())] or ["values on another rank"]
         quantity = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         if self.nonfinite == "skip":
-            for group in optimizer.param_groups:  # no gradient: the optimiser leaves weights and moments alone
-                for p in group["params"]:
-                    p.grad = None
+            for p in self._params_of(optimizer):  # no gradient: the optimiser leaves weights and moments alone
+                p.grad = None
             self._skip_update = True
             self.skipped_steps += 1
             self.log("train/skipped_nonfinite_steps", float(self.skipped_steps))
@@ -244,9 +274,23 @@ class IDQLModule(pl.LightningModule):
                 self._warn(f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}: update "
                            f"skipped ({self.skipped_steps} skipped so far, model.init_args.nonfinite: skip)")
             return
+        poisoned = self._nonfinite_param()
+        if poisoned is not None:
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite {quantity} at step {self.global_step} because the weights were "
+                f"already non-finite ({poisoned}): a non-finite gradient of step {self.global_step - 1} got through "
+                f"(with nonfinite: stop gradients are checked on logging steps; nonfinite: skip checks them before "
+                f"every update); training stopped, {self._last_good_checkpoint()}")
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}; training stopped before the "
             f"update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip such steps)")
+
+    def _nonfinite_param(self) -> str | None:
+        """The name of the first trained parameter holding NaN/Inf, or None (the failure path only: a host sync)."""
+        for name, p in self.named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                return name
+        return None
 
     def _last_good_checkpoint(self) -> str:
         cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
