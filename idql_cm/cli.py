@@ -102,6 +102,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not isinstance(dm, TDDataModule):
                 return
             dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
+            if callable(getattr(self.model, "check_trainer", None)) and self.subcommand == "fit":
+                self.model.check_trainer(self.trainer)
             if callable(getattr(self.model, "preflight", None)):
                 self.model.preflight(dm)
             for cb in self.trainer.callbacks:

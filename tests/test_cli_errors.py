@@ -84,3 +84,12 @@ def test_unknown_config_key_and_wrong_type(tmp_path):
 def test_missing_config_file(tmp_path):
     proc = run_cli_subprocess(["fit", "--config", str(tmp_path / "nope.yaml")])
     assert proc.returncode != 0 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("gradient_clip_val", "1.0"), ("accumulate_grad_batches", "2")])
+def test_automatic_optimisation_flags_are_refused_before_anything_is_written(flag, value, dataset, tmp_path):
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", dataset, steps=2,
+                        keep_eval=False)
+    proc = run_cli_subprocess(["fit", "--config", str(cfg), f"--trainer.{flag}", value])
+    _one_line_error(proc, f"trainer.{flag}", "manual optimisation", value)
+    assert not (tmp_path / "ct").exists()

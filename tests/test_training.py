@@ -44,9 +44,22 @@ def _assert_same_weights(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), (i, key)
 
 
-@pytest.mark.parametrize("stage", ["ct", "iql"])
-def test_resume_is_exact(stage, dataset, tmp_path):
-    """2N steps in one run == N steps, stop, resume from last, N more (sampler RNG, curriculum, EMA, Adam)."""
+def _as_automatic_optimisation_checkpoint(path: Path) -> None:
+    """Rewrite a checkpoint's loop state to the layout idql-cm 0.1.0 wrote (Lightning's automatic optimisation
+    counted the steps, the manual loop's count was 0)."""
+    ck = _state(path)
+    fit = ck["loops"]["fit_loop"]
+    manual = fit["epoch_loop.manual_optimization.optim_step_progress"]
+    fit["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = manual
+    fit["epoch_loop.manual_optimization.optim_step_progress"] = {
+        "total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
+    torch.save(ck, path)
+
+
+@pytest.mark.parametrize("stage,legacy", [("ct", False), ("iql", False), ("iql", True)])
+def test_resume_is_exact(stage, legacy, dataset, tmp_path):
+    """2N steps in one run == N steps, stop, resume from last, N more (sampler RNG, curriculum, EMA, Adam).
+    ``legacy``: the checkpoint at N has the loop state of idql-cm 0.1.0, which resumes at step N too."""
     steps, half = 12, 6
     extra = {**SMALL_NET, "total_steps": 12, "s0": 2, "s1": 8} if stage == "ct" else {"hidden_dim": 32}
     src = CONFIGS / "demo" / f"{stage}.yaml"
@@ -56,6 +69,8 @@ def test_resume_is_exact(stage, dataset, tmp_path):
     _add_callback(b, "tests.probes.StopAtStep", step=half)
     assert main(["fit", "--config", str(b)]) == 0
     assert _state(tmp_path / "b" / "checkpoints" / "last.ckpt")["global_step"] == half
+    if legacy:
+        _as_automatic_optimisation_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
     b2 = shrink_config(src, tmp_path / "b2.yaml", tmp_path / "b", dataset, steps=steps, model_args=extra, keep_eval=False)
     assert main(["fit", "--config", str(b2), "--ckpt_path", "last"]) == 0
     _assert_same_weights(_state(tmp_path / "a" / "checkpoints" / "last.ckpt"),
@@ -113,3 +128,24 @@ def test_ddp_two_cpu_ranks(dataset, tmp_path):
     assert len(list(root.glob("events.out.tfevents.*"))) == 1
     ckpts = sorted(p.name for p in (root / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and all(not n.endswith(".tmp") for n in ckpts)
+
+
+@pytest.mark.parametrize("stage", ["edm", "ct"])
+def test_ema_warm_up_counts_updates_from_zero(stage, dataset, tmp_path):
+    """k-diffusion's warm-up: update 0 uses decay 0 (the EMA copies the weights), update 1 uses decay(1)."""
+    from idql_cm.nets.ema import EMAWarmup
+
+    extra = {**SMALL_NET, "total_steps": 2, "s0": 2, "s1": 8} if stage == "ct" else dict(SMALL_NET)
+    runs = {}
+    for steps in (1, 2):
+        cfg = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", tmp_path / f"{steps}.yaml", tmp_path / f"r{steps}",
+                            dataset, steps=steps, model_args=extra, keep_eval=False)
+        assert main(["fit", "--config", str(cfg)]) == 0
+        runs[steps] = _state(tmp_path / f"r{steps}" / "checkpoints" / "last.ckpt")["state_dict"]
+    keys = [k[len("model."):] for k in runs[1] if k.startswith("model.")]
+    for k in keys:
+        assert torch.equal(runs[1][f"ema_model.{k}"], runs[1][f"model.{k}"]), k
+    decay = EMAWarmup(power=2 / 3, max_value=0.999).decay(1)  # the demo configs' ema_decay is 0.999
+    for k in keys:
+        want = decay * runs[1][f"ema_model.{k}"] + (1 - decay) * runs[2][f"model.{k}"]
+        assert torch.allclose(runs[2][f"ema_model.{k}"], want, atol=1e-6), k

@@ -93,10 +93,10 @@ class BehaviourModule(IDQLModule):
     def configure_optimizers(self):
         opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 
-    def after_optimizer_step(self) -> None:
-        decay = self.ema.decay(self.global_step)
+    def after_optimizer_step(self, step: int) -> None:
+        decay = self.ema.decay(step)  # k-diffusion's warm-up: the first update (step 0) copies the weights
         ema_update_(self.ema_model, self.model, decay)
         if self.should_log():
             self.log("train/ema_decay", decay)
@@ -155,7 +155,7 @@ class EDMModule(BehaviourModule):
     def payload(self):
         return {**super().payload(), "solver": self.eval_solver, "sample_sigma_max": self.sample_sigma_max}
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.bc_step(self.model.loss(batch["act"], batch["obs"]))
 
 
@@ -188,7 +188,7 @@ class CTModule(BehaviourModule):
             self._grid = (n, sig, lognormal_index_probs(sig, self.P_mean, self.P_std))
         return self._grid
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n, sigmas, probs = self.curriculum(self.global_step)
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c)
         out = self.bc_step(loss, unweighted_loss=unweighted)
@@ -269,9 +269,10 @@ class CDModule(BehaviourModule):
                                   f"but the checkpoint was distilled from sha256 {saved[:12]}")
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.teacher.to(self.device)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = cd_loss(self.model, self.ema_model, self.teacher, batch["act"], batch["obs"], self.distill_sigmas,
                        solver=self.solver)
         return self.bc_step(loss)

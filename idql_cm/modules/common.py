@@ -6,6 +6,7 @@ The modules are thin: the math lives in :mod:`idql_cm.nets` and :mod:`idql_cm.di
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -33,14 +34,14 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int) -> dict | None:
-    """LR schedule config for Lightning: ``cosine`` decays to 0 over ``total_steps``; ``constant`` is none."""
+def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
+    """The LR scheduler, stepped once per optimiser step by :meth:`IDQLModule.training_step`: ``cosine`` decays to 0
+    over ``total_steps``; ``constant`` is None."""
     if schedule == "constant":
         return None
     if schedule != "cosine":
         raise ConfigError(f"model.lr_schedule: expected 'cosine' or 'constant', found {schedule!r}")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-    return {"scheduler": sched, "interval": "step", "frequency": 1}
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -64,6 +65,11 @@ class IDQLModule(pl.LightningModule):
 
     def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False) -> None:
         super().__init__()
+        # Manual optimisation: training_step runs backward, the optimiser, the EMA / target update and the LR
+        # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step), and Lightning's automatic
+        # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs ~0.1-0.15 ms more per step on these
+        # CPUs (scripts/bench.py --ablate: its floor), 1.5% of an IQL step.
+        self.automatic_optimization = False
         self.compile_nets = bool(compile)
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite: expected 'stop' or 'skip', found {nonfinite!r}")
@@ -77,6 +83,16 @@ class IDQLModule(pl.LightningModule):
         self._skip_update = False  # set when this step's update is skipped (model.nonfinite: skip)
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
         self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
+        self._opt_cache: tuple[Any, Any, Any] | None = None  # (trainer, optimizer, scheduler) of this fit
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets bookkeeping attributes (_current_fx_name, ...) ~25 times a step, and nn.Module.__setattr__
+        # checks parameters, buffers and submodules each time (~2 µs here). For a name that is already a plain
+        # attribute and a value that is no tensor or module, nn.Module ends in object.__setattr__ anyway.
+        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -162,6 +178,8 @@ class IDQLModule(pl.LightningModule):
                             self.obs_mean if fitting else None, self.obs_std if fitting else None,
                             self.data_info.get("dataset"))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
+        _migrate_loop_progress(checkpoint)
+
 
     # ------------------------------------------------------------------ per-step plumbing
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -176,16 +194,49 @@ class IDQLModule(pl.LightningModule):
         self._log_now = None
         self._log_now = self.should_log()
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        self._skip_update = False
-        super().optimizer_step(*args, **kwargs)
-        # Inside the step, not in on_train_batch_end: callbacks (ModelCheckpoint) run their
-        # on_train_batch_end first, and a checkpoint must hold the EMA / target of the step it is named for.
-        if not self._skip_update:
-            self.after_optimizer_step()
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        """This step's training loss (subclasses; they also ``watch_finite`` and log on logging steps)."""
+        raise NotImplementedError
 
-    def after_optimizer_step(self) -> None:
-        """EMA / target-network update; subclasses override (not called for a skipped step)."""
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self.loss_step(batch)
+        opt, sched = self._opt_and_sched()
+        step = self.global_step  # the index of this update (global_step counts it once opt.step() returns)
+        opt.zero_grad()  # set_to_none
+        self.manual_backward(loss)
+        self._skip_update = False
+        opt.step()  # runs on_before_optimizer_step (callbacks, then the non-finite guard) before the update
+        # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run their on_train_batch_end first, and a
+        # checkpoint must hold the EMA / target of the step it is named for.
+        if not self._skip_update:
+            self.after_optimizer_step(step)
+        if sched is not None:
+            sched.step()  # also after a skipped update, as Lightning's automatic loop does
+
+    def _opt_and_sched(self):
+        """This fit's (LightningOptimizer, scheduler or None), looked up once: the lookups cost ~10 µs a step."""
+        trainer = self.trainer
+        if self._opt_cache is None or self._opt_cache[0] is not trainer:
+            sched = self.lr_schedulers()
+            self._opt_cache = (trainer, self.optimizers(), sched[0] if isinstance(sched, list) else sched)
+        return self._opt_cache[1], self._opt_cache[2]
+
+    @staticmethod
+    def check_trainer(trainer: pl.Trainer) -> None:
+        """Refuse Trainer flags that only apply to Lightning's automatic optimisation (the CLI calls this before
+        anything is written; :meth:`on_fit_start` again for Python users)."""
+        for flag, value, ok in (("gradient_clip_val", trainer.gradient_clip_val, (None, 0, 0.0)),
+                                ("accumulate_grad_batches", trainer.accumulate_grad_batches, (1,))):
+            if value not in ok:
+                raise ConfigError(f"trainer.{flag}: idql-cm modules step their optimiser themselves (manual "
+                                  f"optimisation), which this flag does not apply to; expected it unset, found {value}")
+
+    def on_fit_start(self) -> None:
+        self.check_trainer(self.trainer)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """EMA / target-network update after update number ``step`` (0-based); subclasses override (not called for
+        a skipped step)."""
 
     def should_log(self) -> bool:
         """True on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``).
@@ -327,3 +378,15 @@ def count_params(module: nn.Module) -> int:
 
 def finite_or_nan(x: float) -> float:
     return x if math.isfinite(x) else float("nan")
+
+
+def _migrate_loop_progress(checkpoint: dict[str, Any]) -> None:
+    """Checkpoints written before the modules stepped their optimisers themselves (idql-cm 0.1.0, Lightning's
+    automatic optimisation) count steps in the automatic loop's progress; in manual optimisation Lightning reads the
+    step count from the manual loop's, and would restart at step 0. Copy it over (in place, before the loops load)."""
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    auto = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+    manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
+    if auto and manual is not None and manual.get("total", {}).get("completed", 0) == 0 \
+            and auto.get("total", {}).get("completed", 0) > 0:
+        fit["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(auto)

@@ -70,9 +70,9 @@ class IQLModule(IDQLModule):
     def configure_optimizers(self):
         opt = make_optimizer(list(self.q.parameters()) + list(self.v.parameters()), "adam", self.lr, 0.0)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         obs, act, rew, next_obs, tml = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["tml"]
         with torch.no_grad():
             q_t = self.q_target(obs, act)
@@ -91,7 +91,7 @@ class IQLModule(IDQLModule):
             self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, step: int) -> None:
         # (under no_grad inside ema_update_: an in-place lerp from parameters that require grad would
         # otherwise chain every step's target into one growing autograd graph)
         ema_update_(self.q_target, self.q, 1.0 - self.tau)
