@@ -81,3 +81,11 @@ class StepReporter(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         print(f"@step {trainer.global_step}", flush=True)
+
+
+class DeferFiniteCheck(pl.Callback):
+    """Makes the module read its non-finite verdicts one step late, as stop mode does on a GPU (on CPU the copy is
+    synchronous, but the bookkeeping is the same)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module._defer_finite_check = True

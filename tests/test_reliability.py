@@ -326,6 +326,21 @@ def test_nonfinite_stops_with_one_line_and_keeps_the_last_good_checkpoint(stage,
     assert last["global_step"] == step and _all_finite(last["state_dict"])
 
 
+@pytest.mark.parametrize("every", [1, 100])
+def test_deferred_check_of_a_gpu_stops_one_step_late_naming_the_step(every, data, tmp_path, capsys):
+    """Stop mode on a GPU reads step k's verdict at step k+1 (no host sync on the hot path): a NaN loss at step 3
+    stops the run, named as step 3, and no checkpoint holds the poisoned update (checkpoints every step or never)."""
+    cfg = _config(tmp_path, "run", "iql", data["A"], steps=8, every=every, callbacks=[
+        {"class_path": "tests.probes.PoisonAt", "init_args": {"steps": [3], "what": "batch"}},
+        {"class_path": "tests.probes.DeferFiniteCheck"}])
+    rc, err = _cli(capsys, "fit", "--config", cfg, "--trainer.log_every_n_steps", "50")
+    _error_line(rc, err, "IQLModule", "non-finite v_loss and q_loss at step 3", "read at step 4", "one step late",
+                "last good checkpoint" if every == 1 else "no checkpoint had been written yet")
+    if every == 1:
+        last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+        assert last["global_step"] == 3 and _all_finite(last["state_dict"])
+
+
 def test_a_gradient_that_got_through_stops_at_the_next_loss_with_the_cause(data, tmp_path, capsys):
     """Stop mode, no checkpoint after the poisoned update: the next step's loss is non-finite, and the line says
     why (the weights already were) instead of blaming the data."""

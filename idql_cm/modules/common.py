@@ -84,6 +84,8 @@ class IDQLModule(pl.LightningModule):
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
         self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
         self._opt_cache: tuple[Any, Any, Any] | None = None  # (trainer, optimizer, scheduler) of this fit
+        self._defer_finite_check: bool | None = None  # None: decided at the first check (see _deferred_check)
+        self._pending: tuple | None = None  # a deferred check not read yet
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets bookkeeping attributes (_current_fx_name, ...) ~25 times a step, and nn.Module.__setattr__
@@ -131,8 +133,10 @@ class IDQLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint is never written with non-finite weights (possible when check_finite_every > 1 lets a
-        # poisoned update through): the last good one stays. One host sync per save.
+        # A checkpoint is never written with non-finite weights (possible when a poisoned update got through: a
+        # gradient in stop mode, a deferred check on a GPU, check_finite_every > 1): the last good one stays. A
+        # pending deferred check is read first, for the precise message. One host sync per save.
+        self._resolve_pending()
         state = [v for v in checkpoint.get("state_dict", {}).values()
                  if isinstance(v, torch.Tensor) and v.is_floating_point()]
         if state and not bool(torch.stack([torch.isfinite(v).all() for v in state]).all()):
@@ -310,11 +314,13 @@ class IDQLModule(pl.LightningModule):
         if trainer is not None and trainer.world_size > 1:
             # every rank decides the same: a skip on one rank only would make the replicas diverge
             total = trainer.strategy.reduce(total, reduce_op="sum")
+        if self._deferred_check():
+            self._resolve_pending()  # the previous checked step's verdict: ready by now, so no wait in practice
+            self._defer(total, watched, grad_norms)
+            return
         if math.isfinite(total.item()):
             return
-        named = watched + ([("gradient norm", grad_norms)] if grad_norms is not None else [])
-        names = [name for name, v in named if not bool(torch.isfinite(v).all())] or ["values on another rank"]
-        quantity = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        quantity = self._bad_quantity(watched, grad_norms)
         if self.nonfinite == "skip":
             for p in self._params_of(optimizer):  # no gradient: the optimiser leaves weights and moments alone
                 p.grad = None
@@ -335,6 +341,53 @@ class IDQLModule(pl.LightningModule):
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}; training stopped before the "
             f"update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip such steps)")
+
+    @staticmethod
+    def _bad_quantity(watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None) -> str:
+        named = watched + ([("gradient norm", grad_norms)] if grad_norms is not None else [])
+        names = [name for name, v in named if not bool(torch.isfinite(v).all())] or ["values on another rank"]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+    def _deferred_check(self) -> bool:
+        """Whether this step's verdict is read one checked step later (stop mode on a GPU; see :meth:`_defer`)."""
+        if self._defer_finite_check is None:
+            self._defer_finite_check = self.nonfinite == "stop" and self.device.type == "cuda"
+        return self._defer_finite_check
+
+    def _defer(self, total: torch.Tensor, watched: list[tuple[str, torch.Tensor]],
+               grad_norms: torch.Tensor | None) -> None:
+        """Queue a copy of ``total`` to the host without waiting for it (stop mode on a GPU).
+
+        Reading a device value waits for every kernel queued before it, which on a GPU stalls the host once a step
+        (the hot path must not). So the verdict of checked step k is read at the next checked step, when the device
+        has long finished step k: training stops one step late, which stop mode can afford, since no checkpoint is
+        ever written with non-finite weights (:meth:`on_save_checkpoint`). Skip mode must act before the update and
+        reads its verdict at once, a sync per checked step.
+        """
+        if self.device.type == "cuda":
+            buf = torch.empty((), dtype=torch.float32, pin_memory=True)
+            buf.copy_(total.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:  # (tests force the deferred path on CPU, where the copy is synchronous)
+            buf, event = total.detach().clone(), None
+        self._pending = (self.global_step, buf, event, watched, grad_norms)
+
+    def _resolve_pending(self) -> None:
+        """Raise for a deferred check that found NaN/Inf (a no-op when none is pending)."""
+        if self._pending is None:
+            return
+        step, buf, event, watched, grad_norms = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if math.isfinite(float(buf)):
+            return
+        raise NonFiniteError(
+            f"{type(self).__name__}: non-finite {self._bad_quantity(watched, grad_norms)} at step {step} (read at step "
+            f"{self.global_step}: on a GPU the check is read one step late, so that no step waits for the device); "
+            f"training stopped, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to check before "
+            "every update)")
 
     def _nonfinite_param(self) -> str | None:
         """The name of the first trained parameter holding NaN/Inf, or None (the failure path only: a host sync)."""
@@ -357,6 +410,7 @@ class IDQLModule(pl.LightningModule):
             log.warning(message)
 
     def on_train_end(self) -> None:
+        self._resolve_pending()  # the last step's deferred check
         if self.skipped_steps:
             self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
                        "values (model.init_args.nonfinite: skip)")
