@@ -489,6 +489,48 @@ def compiled_steps_per_s(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str |
     return steps / (marks[1] - marks[0])
 
 
+def sync_check(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str | None, log=print) -> dict[str, Any]:
+    """CUDA only: host-device synchronisations per training step, counted by torch's sync debug mode over one
+    logging period after a warm-up (logging steps read their logged values back, the others should not sync)."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    period = cfg["log_every_n_steps"]
+    warm, total = 2 * period, 3 * period
+    marks: list[tuple[int, int]] = []
+    record: list[warnings.WarningMessage] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            k = trainer.global_step
+            if k == warm:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            if k >= warm:
+                marks.append((k, len(record)))
+            if k == total:
+                torch.cuda.set_sync_debug_mode(0)
+
+    pl.seed_everything(0, verbose=False)
+    module = make_module(kind, cfg, teacher_ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = caught
+        make_trainer(total, cfg, None, f"{kind}_sync", [Count()]).fit(module, datamodule=dm)
+    torch.cuda.set_sync_debug_mode(0)
+    per_step = {k1: n1 - n0 for (_, n0), (k1, n1) in zip(marks[:-1], marks[1:], strict=True)}
+    non_log = [n for k, n in per_step.items() if k % period]  # step k ends when global_step is k (1-based)
+    where = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    out = {"steps": len(per_step), "syncs_per_non_logging_step_max": max(non_log, default=0),
+           "syncs_per_non_logging_step_mean": statistics.fmean(non_log) if non_log else 0.0,
+           "syncs_on_logging_steps": [n for k, n in per_step.items() if k % period == 0], "where": where[:20]}
+    log(f"  {kind}: host syncs per non-logging step: max {out['syncs_per_non_logging_step_max']}, mean "
+        f"{out['syncs_per_non_logging_step_mean']:.2f}; on logging steps {out['syncs_on_logging_steps']}")
+    return out
+
+
 def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compiled: bool = False) -> dict[str, Any]:
     t = time.perf_counter()
     path = write_dataset(Path(work) / "synthetic_d4rl.hdf5", cfg["train_rows"])
@@ -532,6 +574,8 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compi
             gc.collect()
             o["lightning_compiled"] = compiled_steps_per_s(kind, dm, cfg, teacher)
             log(f"  {kind:4s} lightning, compile: true: {o['lightning_compiled']:7.1f} steps/s")
+        if cfg.get("device") == "cuda":
+            o["cuda_sync_check"] = sync_check(kind, dm, cfg, teacher, log)
     return out
 
 
