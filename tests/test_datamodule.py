@@ -248,3 +248,26 @@ def test_device_follows_trainer(tmp_path, data_file):
     _trainer(tmp_path, 2).fit(rec, dm)
     assert dm.tensors["obs"].device == torch.device("cpu")
     assert rec.seen[0].device.type == "cpu"
+
+
+def test_batches_are_one_row_gather_with_the_per_key_values(tmp_path):
+    """The data module holds one [N, 42] matrix with the keys as column views (no copy into the stream); a batch
+    equals indexing every key with the step's indices; separate tensors are packed once."""
+    from idql_cm.data.datamodule import pack_columns
+
+    dm = TDDataModule(str(write_d4rl_file(tmp_path / "p.hdf5", n_episodes=3, episode_len=50)), batch_size=16)
+    dm.setup("fit")
+    packed, cols = pack_columns(dm.tensors)
+    assert packed.shape == (dm.num_transitions, 2 * dm.obs_dim + dm.act_dim + 2)
+    assert packed.untyped_storage().data_ptr() == dm.tensors["obs"].untyped_storage().data_ptr()  # a view
+    separate = {k: v.clone() for k, v in dm.tensors.items()}
+    copied, cols2 = pack_columns(separate)
+    assert copied.untyped_storage().data_ptr() != separate["obs"].untyped_storage().data_ptr() and cols2 == cols
+    for tensors in (dm.tensors, separate):
+        it = TDBatchIterable(tensors, 16, seed=3)
+        gen = torch.Generator().manual_seed(step_seed(3, 0, 7))
+        idx = torch.randint(dm.num_transitions, (16,), generator=gen)
+        got = it.batch_at(7)
+        assert set(got) == set(BATCH_KEYS)
+        for k in BATCH_KEYS:
+            assert got[k].shape == (16, *separate[k].shape[1:]) and torch.equal(got[k], separate[k][idx]), k
