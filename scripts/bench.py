@@ -60,16 +60,19 @@ NFES = (1, 2, 4)
 FULL: dict[str, Any] = {
     "train_rows": 1_000_000,
     "batch_size": 256,
-    "warmup_steps": {"iql": 20, "edm": 10, "ct": 10, "cd": 10},
+    # multiples of fused_steps, as every period counted in steps must be (see IDQLModule.fused_steps)
+    "warmup_steps": {"iql": 24, "edm": 16, "ct": 16, "cd": 16},
     # Training is timed in alternating blocks inside one fit: `block_steps` bare-loop steps, then `block_steps`
     # Lightning steps, and so on. Consecutive blocks are summed into groups of log_every_n_steps steps a side, so each
-    # group holds exactly one logging step; `groups` of them per module.
-    "block_steps": 10,
-    "groups": {"iql": 20, "edm": 8, "ct": 8, "cd": 6},
+    # group holds exactly one logging step; `groups` of them per module and setting.
+    "block_steps": 40,
+    "groups": {"iql": 8, "edm": 4, "ct": 3, "cd": 3},
+    # the shipped configs' model.fused_steps (updates per Trainer iteration); also timed with 1
+    "fused_steps": 8,
     # diagnostics (--ablate, --profile) time whole runs of this many steps
     "timed_steps": {"iql": 400, "edm": 200, "ct": 200, "cd": 200},
     "rounds": 6,
-    "log_every_n_steps": 100,
+    "log_every_n_steps": 200,
     "net": None,          # the module defaults (IDQLMlp 256 x 3 blocks x4, ~1.6M parameters)
     "iql_hidden": 256,
     "sampler_rows": 1_000_000,
@@ -92,12 +95,13 @@ QUICK: dict[str, Any] = {
     **FULL,
     "train_rows": 2_000,
     "batch_size": 32,
-    "warmup_steps": {k: 2 for k in KINDS},
-    "block_steps": 2,
+    "warmup_steps": {k: 4 for k in KINDS},
+    "block_steps": 4,
     "groups": {k: 2 for k in KINDS},
+    "fused_steps": 2,
     "timed_steps": {k: 4 for k in KINDS},
     "rounds": 1,
-    "log_every_n_steps": 2,
+    "log_every_n_steps": 4,
     "net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2},
     "iql_hidden": 32,
     "sampler_rows": 5_000,
@@ -191,18 +195,20 @@ def write_dataset(path: Path, rows: int) -> str:
     return str(path)
 
 
-def make_module(kind: str, cfg: dict[str, Any], teacher_ckpt: str | None = None, compile: bool = False):
+def make_module(kind: str, cfg: dict[str, Any], teacher_ckpt: str | None = None, compile: bool = False,
+                fused: int = 1):
     from idql_cm.modules import CDModule, CTModule, EDMModule, IQLModule
 
     net = copy.deepcopy(cfg["net"])
+    kw = {"compile": compile, "fused_steps": fused}
     if kind == "iql":
-        return IQLModule(hidden_dim=cfg["iql_hidden"], compile=compile)
+        return IQLModule(hidden_dim=cfg["iql_hidden"], **kw)
     if kind == "edm":
-        return EDMModule(net=net, compile=compile)
+        return EDMModule(net=net, **kw)
     if kind == "ct":
-        return CTModule(net=net, compile=compile)
+        return CTModule(net=net, **kw)
     if kind == "cd":
-        return CDModule(teacher_ckpt=teacher_ckpt, compile=compile)  # the net comes from the teacher checkpoint
+        return CDModule(teacher_ckpt=teacher_ckpt, **kw)  # the net comes from the teacher checkpoint
     raise ValueError(kind)
 
 
@@ -440,22 +446,24 @@ def make_datamodule(path: str, cfg: dict[str, Any]):
     return dm
 
 
-def paired_step_times(kind: str, dm, cfg: dict[str, Any], log_dir: str, teacher_ckpt: str | None):
-    """One ``fit`` of the module with the bare loop timed in alternating blocks (see :func:`PairedTimer`);
-    returns (Lightning, bare) seconds per step, one entry per group of ``log_every_n_steps`` steps a side."""
+def paired_step_times(kind: str, dm, cfg: dict[str, Any], log_dir: str, teacher_ckpt: str | None, fused: int = 1):
+    """One ``fit`` of the module (``fused_steps = fused``) with the bare loop timed in alternating blocks (see
+    :func:`PairedTimer`); returns (Lightning, bare) seconds per step, one entry per group of ``log_every_n_steps``
+    steps a side."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0, verbose=False)
     warm, block, period = cfg["warmup_steps"][kind], cfg["block_steps"], cfg["log_every_n_steps"]
-    if period % block:
-        raise ValueError(f"block_steps ({block}) must divide log_every_n_steps ({period})")
+    if period % block or block % fused or warm % fused:
+        raise ValueError(f"block_steps ({block}) must divide log_every_n_steps ({period}); fused_steps ({fused}) must "
+                         f"divide block_steps and warmup_steps ({warm})")
     per_group = period // block
     blocks = cfg["groups"][kind] * per_group
     total = warm + block * blocks
-    module = make_module(kind, cfg, teacher_ckpt)
+    module = make_module(kind, cfg, teacher_ckpt, fused=fused)
     bare = BareLoop(kind, dm.tensors, cfg, warm + total, teacher_ckpt)
     timer = PairedTimer(warm, block, blocks, bare, _sync_fn(cfg.get("device", "cpu")))
-    trainer = make_trainer(total, cfg, log_dir, f"{kind}_paired", [timer])
+    trainer = make_trainer(total, cfg, log_dir, f"{kind}_paired_k{fused}", [timer])
     trainer.fit(module, datamodule=dm)
     if len(timer.lightning) != blocks or len(timer.bare) != blocks:
         raise RuntimeError(f"PairedTimer: expected {blocks} blocks each, found {len(timer.lightning)} Lightning and "
@@ -473,7 +481,7 @@ def compiled_steps_per_s(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str |
 
     pl.seed_everything(0, verbose=False)
     warm, steps = 3 * cfg["warmup_steps"][kind], cfg["log_every_n_steps"] * max(2, cfg["groups"][kind] // 2)
-    module = make_module(kind, cfg, teacher_ckpt, compile=True)
+    module = make_module(kind, cfg, teacher_ckpt, compile=True, fused=cfg["fused_steps"])
     sync = _sync_fn(cfg.get("device", "cpu"))
     marks: list[float] = []
 
@@ -514,14 +522,16 @@ def sync_check(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str | None, log
                 torch.cuda.set_sync_debug_mode(0)
 
     pl.seed_everything(0, verbose=False)
-    module = make_module(kind, cfg, teacher_ckpt)
+    module = make_module(kind, cfg, teacher_ckpt, fused=cfg["fused_steps"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         record = caught
         make_trainer(total, cfg, None, f"{kind}_sync", [Count()]).fit(module, datamodule=dm)
     torch.cuda.set_sync_debug_mode(0)
-    per_step = {k1: n1 - n0 for (_, n0), (k1, n1) in zip(marks[:-1], marks[1:], strict=True)}
-    non_log = [n for k, n in per_step.items() if k % period]  # step k ends when global_step is k (1-based)
+    # syncs per step, over each Trainer iteration (fused_steps updates) that ends at global_step k
+    fused = cfg["fused_steps"]
+    per_step = {k1: (n1 - n0) / fused for (_, n0), (k1, n1) in zip(marks[:-1], marks[1:], strict=True)}
+    non_log = [n for k, n in per_step.items() if k % period]
     where = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
     out = {"steps": len(per_step), "syncs_per_non_logging_step_max": max(non_log, default=0),
            "syncs_per_non_logging_step_mean": statistics.fmean(non_log) if non_log else 0.0,
@@ -540,36 +550,40 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compi
     cfg["train_transitions"] = dm.num_transitions
     teacher = make_teacher(dm, cfg, str(Path(work) / "edm_teacher.ckpt")) if "cd" in kinds else None
     out: dict[str, Any] = {}
+    fused = cfg["fused_steps"]
     for kind in kinds:
-        gc.collect()
-        load_before = _load1()
-        lt, bt = paired_step_times(kind, dm, cfg, work, teacher)
-        ratios = [a / b for a, b in zip(lt, bt, strict=True)]
-        # per group: Lightning / bare seconds per step over interleaved blocks; across groups: the median
-        l_sec, b_sec = statistics.median(lt), statistics.median(bt)
-        out[kind] = {
-            "lightning": 1.0 / l_sec,
-            "bare": 1.0 / b_sec,
-            "ratio": statistics.median(ratios),
-            "lightning_ms_per_step": 1e3 * l_sec,
-            "bare_ms_per_step": 1e3 * b_sec,
-            "overhead_ms_per_step": 1e3 * (l_sec - b_sec),
-            "groups_lightning_ms": [round(1e3 * x, 3) for x in lt],
-            "groups_bare_ms": [round(1e3 * x, 3) for x in bt],
-            "group_ratios": [round(x, 4) for x in ratios],
-            "ratio_max": max(ratios),
-            "loadavg_1min": [load_before, _load1()],
-            # the machine's speed changed during the run (another tenant's burst on these shared cores): the paired
-            # ratio is robust to slow spells longer than a block, the absolute steps/s are not
-            "noisy": max(lt) / min(lt) > NOISY_SPREAD or max(bt) / min(bt) > NOISY_SPREAD,
-        }
+        out[kind] = {"fused_steps": fused}
+        for k, suffix in ((fused, ""), (1, "_unfused")) if fused > 1 else ((1, ""),):
+            gc.collect()
+            load_before = _load1()
+            lt, bt = paired_step_times(kind, dm, cfg, work, teacher, fused=k)
+            ratios = [a / b for a, b in zip(lt, bt, strict=True)]
+            # per group: Lightning / bare seconds per step over interleaved blocks; across groups: the median
+            l_sec, b_sec = statistics.median(lt), statistics.median(bt)
+            o = {
+                "lightning": 1.0 / l_sec,
+                "bare": 1.0 / b_sec,
+                "ratio": statistics.median(ratios),
+                "lightning_ms_per_step": 1e3 * l_sec,
+                "bare_ms_per_step": 1e3 * b_sec,
+                "overhead_ms_per_step": 1e3 * (l_sec - b_sec),
+                "groups_lightning_ms": [round(1e3 * x, 3) for x in lt],
+                "groups_bare_ms": [round(1e3 * x, 3) for x in bt],
+                "group_ratios": [round(x, 4) for x in ratios],
+                "ratio_max": max(ratios),
+                "loadavg_1min": [load_before, _load1()],
+                # the machine's speed changed during the run (another tenant's burst on these shared cores): the
+                # paired ratio is robust to slow spells longer than a block, the absolute steps/s are not
+                "noisy": max(lt) / min(lt) > NOISY_SPREAD or max(bt) / min(bt) > NOISY_SPREAD,
+            }
+            out[kind].update({f"{key}{suffix}": v for key, v in o.items()})
+            log(f"  {kind:4s} fused_steps {k}: lightning {o['lightning']:7.1f} steps/s  bare {o['bare']:7.1f} steps/s  "
+                f"ratio {o['ratio']:.3f}  (group ratios {o['group_ratios']}; ms/step L {o['groups_lightning_ms']}, "
+                f"B {o['groups_bare_ms']})")
+            if o["noisy"]:
+                log(f"  note: {kind} blocks differ by more than {NOISY_SPREAD:.2f}x in speed (the machine was busy); "
+                    "the paired ratio is robust to that, the absolute steps/s less so")
         o = out[kind]
-        log(f"  {kind:4s} lightning {o['lightning']:7.1f} steps/s  bare {o['bare']:7.1f} steps/s  "
-            f"ratio {o['ratio']:.3f}  (group ratios {o['group_ratios']}; ms/step L {o['groups_lightning_ms']}, "
-            f"B {o['groups_bare_ms']})")
-        if o["noisy"]:
-            log(f"  note: {kind} blocks differ by more than {NOISY_SPREAD:.2f}x in speed (the machine was busy); the "
-                "paired ratio is robust to that, the absolute steps/s less so")
         if compiled:
             gc.collect()
             o["lightning_compiled"] = compiled_steps_per_s(kind, dm, cfg, teacher)
@@ -995,15 +1009,20 @@ def table(res: dict[str, Any]) -> str:
         st = res["settings"]
         where = f"{st.get('precision', '32-true')}, {st.get('device', 'cpu').upper()}"
         comp = any("lightning_compiled" in tr[k] for k in tr)
-        lines += [f"| training (batch {st['batch_size']}, {where}) | Lightning steps/s | bare PyTorch steps/s | "
-                  "ratio (L/bare time) |" + (" Lightning, compile: true |" if comp else ""),
-                  "| --- | ---: | ---: | ---: |" + (" ---: |" if comp else "")]
+        unf = any("ratio_unfused" in tr[k] for k in tr)
+        k_ship = st.get("fused_steps", 1)
+        lines += [f"| training (batch {st['batch_size']}, {where}) | Lightning steps/s (fused_steps {k_ship}) | "
+                  "bare PyTorch steps/s | ratio (L/bare time) |"
+                  + (" Lightning steps/s, fused_steps 1 | ratio |" if unf else "")
+                  + (" Lightning, compile: true |" if comp else ""),
+                  "| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if unf else "") + (" ---: |" if comp else "")]
         for k in KINDS:
             if k in tr:
-                flag = " (speed varied: machine busy)" if tr[k].get("noisy") else ""
-                lines.append(f"| {k.upper()}{flag} | {tr[k]['lightning']:.1f} | {tr[k]['bare']:.1f} | "
-                             f"{tr[k]['ratio']:.3f} |" + (f" {tr[k].get('lightning_compiled', float('nan')):.1f} |"
-                                                         if comp else ""))
+                o = tr[k]
+                flag = " (speed varied: machine busy)" if o.get("noisy") or o.get("noisy_unfused") else ""
+                lines.append(f"| {k.upper()}{flag} | {o['lightning']:.1f} | {o['bare']:.1f} | {o['ratio']:.3f} |"
+                             + (f" {o['lightning_unfused']:.1f} | {o['ratio_unfused']:.3f} |" if unf else "")
+                             + (f" {o.get('lightning_compiled', float('nan')):.1f} |" if comp else ""))
         lines.append("")
     sp = res.get("sampler")
     if sp:

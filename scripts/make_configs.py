@@ -32,7 +32,8 @@ seed_everything: 0
 trainer:
   max_steps: {steps}
   default_root_dir: results/{task}/seed0/{stage}
-  log_every_n_steps: 1000            # scalars to TensorBoard every 1000 steps (no per-step host sync)
+  log_every_n_steps: 1000            # scalars to TensorBoard every 1000 steps (no per-step host sync); this and
+                                    # the checkpoint period are multiples of model.fused_steps
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
@@ -40,7 +41,7 @@ trainer:
         save_last: true
         save_top_k: -1
         filename: "step{{step}}"
-    - class_path: lightning.pytorch.callbacks.TQDMProgressBar
+    - class_path: idql_cm.modules.callbacks.StepProgressBar   # counts gradient steps (fused_steps per iteration)
       init_args:
         refresh_rate: 200
 """
@@ -76,6 +77,7 @@ model:
     tau: 0.005                      # target <- (1-tau) target + tau online ('target_update: reference' for parity)
     lr: 3.0e-4
     lr_schedule: cosine
+    fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
 """,
     "edm": """\
 model:
@@ -87,6 +89,7 @@ model:
     lr_schedule: cosine
     ema_decay: 0.9999               # max EMA rate; grows from 0 with the step count (warm-up)
     eval_solver: euler              # the tutorial's EDM column is Euler; nfe = steps
+    fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
 """,
     "cd": """\
 model:
@@ -99,6 +102,7 @@ model:
     optimizer: adam
     lr_schedule: constant           # the reference never stepped its CD scheduler
     ema_decay: 0.9999
+    fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
 """,
     "ct": """\
 model:
@@ -112,6 +116,7 @@ model:
     optimizer: adam
     lr_schedule: cosine
     ema_decay: 0.9999
+    fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
 """,
 }
 

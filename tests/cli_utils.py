@@ -31,7 +31,7 @@ def shrink_config(src: Path, dst: Path, root: Path, dataset: str, steps: int = 2
     cfg["trainer"]["enable_progress_bar"] = False
     callbacks = []
     for cb in cfg["trainer"].get("callbacks", []):
-        if cb["class_path"].endswith("TQDMProgressBar"):
+        if cb["class_path"].endswith("ProgressBar"):
             continue
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["every_n_train_steps"] = max(1, steps // 2)

@@ -48,6 +48,7 @@ def _config(tmp: Path, name: str, stage: str, dataset: str, steps: int = 2, ever
             root: Path | None = None) -> Path:
     """A shrunk demo config (tiny nets, CPU) with a checkpoint every ``every`` steps and extra callbacks."""
     extra = {"hidden_dim": 32} if stage == "iql" else ({} if stage == "cd" else dict(SMALL_NET))
+    extra["fused_steps"] = 1  # the probes act per Trainer iteration (PoisonAt, StopAtStep at an exact step)
     cfg_path = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", tmp / f"{name}.yaml", root or tmp / name, dataset,
                              steps=steps, model_args={**extra, **(model_args or {})}, eval_args=eval_args,
                              keep_eval=eval_args is not None)

@@ -107,14 +107,20 @@ class TDBatchIterable:
     Each ``iter()`` starts at step ``start_step()`` (read when iteration starts) and yields the batch of step s from a
     generator seeded with ``step_seed(seed, rank, s)``; :meth:`batch_at` gives any step's batch directly.
 
+    With ``steps_per_item = K > 1`` each item holds the batches of K consecutive steps, stacked: ``{key: [K, B,
+    ...]}`` (for modules that make K updates per Trainer iteration, ``fused_steps``); item j holds steps
+    ``start_step() + j·K`` to ``start_step() + j·K + K − 1``: exactly the batches of the 1-step stream.
+
     Args:
         tensors: ``{key: Tensor[N, ...]}`` on one device (keys :data:`BATCH_KEYS`).
         batch_size: rows per batch.
         seed: base seed; ``rank``: this process's rank.
         start_step: callable returning the first step (default 0).
+        steps_per_item: batches per item (K).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int = 0, start_step=None):
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int = 0, start_step=None,
+                 steps_per_item: int = 1):
         self.tensors = tensors
         self.packed, self._cols = pack_columns(tensors)
         self._shapes = {k: tuple(t.shape[1:]) for k, t in tensors.items()}
@@ -124,25 +130,38 @@ class TDBatchIterable:
         self.start_step = start_step or (lambda: 0)
         self.num_rows = int(self.packed.shape[0])
         self.device = self.packed.device
+        self.steps_per_item = int(steps_per_item)
+        if self.steps_per_item < 1:
+            raise ConfigError(f"steps_per_item: expected a positive integer, found {steps_per_item!r}")
         self._gen = torch.Generator(device=self.device)
 
-    def _draw(self, step: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _indices(self, step: int, gen: torch.Generator) -> torch.Tensor:
         gen.manual_seed(step_seed(self.seed, self.rank, step))  # host-side: no device sync
-        idx = torch.randint(self.num_rows, (self.batch_size,), generator=gen, device=self.device)
-        rows = self.packed.index_select(0, idx)  # [B, W]: one gather; the keys are column views of it
-        return {k: rows[:, a:b].view(self.batch_size, *self._shapes[k]) if len(self._shapes[k]) != 1
-                else rows[:, a:b] for k, (a, b) in self._cols.items()}
+        return torch.randint(self.num_rows, (self.batch_size,), generator=gen, device=self.device)
+
+    def _draw(self, step: int, gen: torch.Generator, steps: int = 1) -> dict[str, torch.Tensor]:
+        """The batches of ``steps`` consecutive steps from ``step``: ``{key: [B, ...]}`` for one, ``[steps, B, ...]``
+        for more (one gather of steps·B rows; the keys are column views of it)."""
+        idx = self._indices(step, gen) if steps == 1 else torch.cat([self._indices(s, gen)
+                                                                    for s in range(step, step + steps)])
+        rows = self.packed.index_select(0, idx)  # [steps·B, W]
+        lead = (self.batch_size,) if steps == 1 else (steps, self.batch_size)
+        if steps > 1:
+            rows = rows.view(steps, self.batch_size, -1)
+        return {k: rows[..., a:b].view(*lead, *self._shapes[k]) if len(self._shapes[k]) != 1 else rows[..., a:b]
+                for k, (a, b) in self._cols.items()}
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
-        """The batch this iterable yields at ``step``."""
+        """The batch of step ``step`` (``[B, ...]``, whatever ``steps_per_item`` is)."""
         return self._draw(step, torch.Generator(device=self.device))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        k = self.steps_per_item
         step = int(self.start_step())
         gen = self._gen
         while True:
-            yield self._draw(step, gen)
-            step += 1
+            yield self._draw(step, gen, k)
+            step += k
 
 
 class TDDataModule(L.LightningDataModule):
@@ -204,6 +223,8 @@ class TDDataModule(L.LightningDataModule):
         self._normalizer: ObsNormalizer | None = None
         self._tensors: dict[str, torch.Tensor] | None = None
         self._env_id: Any = _UNSET
+        #: batches per Trainer iteration, set by a module that makes several updates per iteration (fused_steps)
+        self.steps_per_batch = 1
 
     # ----------------------------------------------------------------------------------------- lazy dataset
     @property
@@ -328,13 +349,17 @@ class TDDataModule(L.LightningDataModule):
         return int(trainer.global_rank) if trainer is not None else 0
 
     def train_dataloader(self) -> TDBatchIterable:
-        """Endless batches ``{obs, act, rew [B,1], next_obs, tml [B,1]}`` on the device (not a DataLoader)."""
+        """Endless batches ``{obs, act, rew [B,1], next_obs, tml [B,1]}`` on the device (not a DataLoader); with
+        ``steps_per_batch = K > 1``, K steps' batches per item, ``[K, B, ...]``."""
         return TDBatchIterable(
             self.tensors,
             self.batch_size,
             seed=resolve_seed(self.seed),
             rank=self._rank(),
-            start_step=lambda: _consumed_batches(self.trainer),
+            # K > 1: the module counts one global step per update, whatever K a resumed run had before
+            start_step=(lambda: _consumed_batches(self.trainer)) if self.steps_per_batch == 1
+            else (lambda: int(getattr(self.trainer, "global_step", 0) or 0)),
+            steps_per_item=self.steps_per_batch,
         )
 
     def val_dataloader(self) -> SingleBatchLoader:

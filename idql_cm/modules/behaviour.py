@@ -62,8 +62,9 @@ class BehaviourModule(IDQLModule):
         nonfinite: str = "stop",
         check_finite_every: int = 1,
         compile: bool = False,
+        fused_steps: int = 1,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every, compile)
+        super().__init__(nonfinite, check_finite_every, compile, fused_steps)
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
         self.ema = EMAWarmup(power=ema_power, max_value=ema_decay)
@@ -99,7 +100,7 @@ class BehaviourModule(IDQLModule):
         decay = self.ema.decay(step)  # k-diffusion's warm-up: the first update (step 0) copies the weights
         ema_update_(self.ema_model, self.model, decay)
         if self.should_log():
-            self.log("train/ema_decay", decay)
+            self.log_scalar("train/ema_decay", decay)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -122,9 +123,9 @@ class BehaviourModule(IDQLModule):
         self.watch_finite("loss", loss)
         if self.should_log():
             # sync_dist: with DDP the logged value is the mean over ranks (an all-reduce on log steps only)
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
             for k, v in extra.items():
-                self.log(f"train/{k}", v, sync_dist=True)
+                self.log_scalar(f"train/{k}", v, sync_dist=True)
         return loss
 
 
@@ -193,7 +194,7 @@ class CTModule(BehaviourModule):
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c)
         out = self.bc_step(loss, unweighted_loss=unweighted)
         if self.should_log():
-            self.log("train/curriculum_N", float(n))
+            self.log_scalar("train/curriculum_N", float(n))
         return out
 
 

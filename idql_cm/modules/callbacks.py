@@ -1,11 +1,12 @@
-"""Lightning callbacks the CLI adds to every run."""
+"""Lightning callbacks: the final checkpoint the CLI adds to every run, and the configs' progress bar."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 
 class FinalCheckpoint(pl.Callback):
@@ -25,3 +26,35 @@ class FinalCheckpoint(pl.Callback):
                 continue
             trainer.save_checkpoint(path)
             cb.last_model_path = path
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, counting gradient steps (``trainer.global_step``) instead of Trainer iterations.
+
+    With ``model.fused_steps = K`` an iteration makes K updates: the stock bar would count iterations against a
+    total of ``max_steps`` and its rate would be K times too low. This one shows ``global_step / max_steps`` and
+    steps per second, also after a resume.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        if bar is None:
+            return
+        if trainer.max_steps and trainer.max_steps > 0:
+            bar.total = trainer.max_steps
+        bar.initial = bar.n = int(trainer.global_step)  # a resumed run starts at its step (and its rate from there)
+        self._shown = bar.n
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is None or not self.is_enabled:
+            return
+        n = int(trainer.global_step)
+        # every refresh_rate steps, also when K-step jumps skip over the multiple itself
+        if n // self.refresh_rate > getattr(self, "_shown", 0) // self.refresh_rate or n == bar.total:
+            self._shown = n
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

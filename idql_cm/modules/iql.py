@@ -42,8 +42,9 @@ class IQLModule(IDQLModule):
         nonfinite: str = "stop",
         check_finite_every: int = 1,
         compile: bool = False,
+        fused_steps: int = 1,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every, compile)
+        super().__init__(nonfinite, check_finite_every, compile, fused_steps)
         if target_update not in ("polyak", "reference"):
             raise ConfigError(f"model.target_update: expected 'polyak' or 'reference', found {target_update!r}")
         if not 0.5 <= expectile < 1.0:
@@ -85,10 +86,11 @@ class IQLModule(IDQLModule):
         self.watch_finite("v_loss", v_loss)
         self.watch_finite("q_loss", q_loss)
         if self.should_log():
-            self.log_dict({"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": q1.mean(),
-                           "train/v_mean": v.mean(), "train/adv_mean": (q_t - v).mean(),
-                           "train/td_target_mean": td_target.mean()}, sync_dist=True)
-            self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+            for name, value in {"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": q1.mean(),
+                                "train/v_mean": v.mean(), "train/adv_mean": (q_t - v).mean(),
+                                "train/td_target_mean": td_target.mean()}.items():
+                self.log_scalar(name, value, sync_dist=True)
+            self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def after_optimizer_step(self, step: int) -> None:
