@@ -217,10 +217,10 @@ def _sync_fn(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def StepTimer(warmup: int, steps: int):  # noqa: N802 - used like a class
-    """A Lightning callback recording per-step wall times from the end of step ``warmup`` to the end of step
-    ``warmup + steps`` (each interval is one whole loop iteration: batch fetch, hooks, step, logging); read them
-    from its ``step_times`` after ``fit``."""
+def StepTimer(warmup: int, steps: int, per_iteration: int = 1):  # noqa: N802 - used like a class
+    """A Lightning callback recording per-iteration wall times from the end of step ``warmup`` to the end of step
+    ``warmup + steps`` (each interval is one whole loop iteration: batch fetch, hooks, ``per_iteration`` updates,
+    logging); read them from its ``step_times`` after ``fit``."""
     from lightning.pytorch.callbacks import Callback
 
     class _StepTimer(Callback):
@@ -233,8 +233,8 @@ def StepTimer(warmup: int, steps: int):  # noqa: N802 - used like a class
 
         @property
         def step_times(self) -> list[float]:
-            if len(self.marks) != steps + 1:
-                raise RuntimeError(f"StepTimer: expected {steps + 1} marks, found {len(self.marks)}")
+            if len(self.marks) != steps // per_iteration + 1:
+                raise RuntimeError(f"StepTimer: expected {steps // per_iteration + 1} marks, found {len(self.marks)}")
             return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
     return _StepTimer()
@@ -541,7 +541,7 @@ def sync_check(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str | None, log
     return out
 
 
-def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compiled: bool = False) -> dict[str, Any]:
+def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compiled=()) -> dict[str, Any]:
     t = time.perf_counter()
     path = write_dataset(Path(work) / "synthetic_d4rl.hdf5", cfg["train_rows"])
     dm = make_datamodule(path, cfg)
@@ -566,7 +566,8 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compi
                 "ratio": statistics.median(ratios),
                 "lightning_ms_per_step": 1e3 * l_sec,
                 "bare_ms_per_step": 1e3 * b_sec,
-                "overhead_ms_per_step": 1e3 * (l_sec - b_sec),
+                # from the paired ratio (the medians of either side alone may come from different groups)
+                "overhead_ms_per_step": 1e3 * (statistics.median(ratios) - 1.0) * b_sec,
                 "groups_lightning_ms": [round(1e3 * x, 3) for x in lt],
                 "groups_bare_ms": [round(1e3 * x, 3) for x in bt],
                 "group_ratios": [round(x, 4) for x in ratios],
@@ -584,7 +585,7 @@ def bench_training(cfg: dict[str, Any], work: str, kinds=KINDS, log=print, compi
                 log(f"  note: {kind} blocks differ by more than {NOISY_SPREAD:.2f}x in speed (the machine was busy); "
                     "the paired ratio is robust to that, the absolute steps/s less so")
         o = out[kind]
-        if compiled:
+        if kind in compiled:
             gc.collect()
             o["lightning_compiled"] = compiled_steps_per_s(kind, dm, cfg, teacher)
             log(f"  {kind:4s} lightning, compile: true: {o['lightning_compiled']:7.1f} steps/s")
@@ -774,32 +775,26 @@ def profile_lightning(kind: str, cfg: dict[str, Any], work: str, top: int = 40) 
 # ------------------------------------------------------------------------------------------------ ablation
 #: Lightning variants of ``--ablate``, each switching off one more per-step cost of the module / data stream / loop.
 ABLATIONS = (
-    ("as shipped", {}),
+    ("fused_steps 1 (the module default)", {}),
     ("+ TQDM progress bar (refresh 100)", {"progress_bar": True}),
     ("check_finite_every=100", {"finite_every": 100}),
     ("no finite check, no logging", {"finite_every": 10**9, "no_log": True}),
-    ("no seed, no finite check, no logging", {"no_seed": True, "finite_every": 10**9, "no_log": True}),
-    ("... and no data-stream reseed", {"no_seed": True, "finite_every": 10**9, "no_log": True, "no_data_seed": True}),
+    ("fused_steps as the shipped configs (8)", {"fused": True}),
 )
 
 
 def _ablated_step_times(kind: str, dm, cfg: dict[str, Any], work: str, tag: str, teacher: str | None,
-                        opts: dict[str, bool]) -> list[float]:
-    import types
-
+                        opts: dict[str, Any]) -> list[float]:
     import lightning.pytorch as pl
-
-    from idql_cm.data import datamodule as dmod
 
     pl.seed_everything(0, verbose=False)
     warm, steps = cfg["warmup_steps"][kind], cfg["timed_steps"][kind]
-    module = make_module(kind, cfg, teacher)
-    if opts.get("no_seed"):
-        module.on_train_batch_start = types.MethodType(lambda self, batch, batch_idx: None, module)
+    fused = cfg["fused_steps"] if opts.get("fused") else 1
+    module = make_module(kind, cfg, teacher, fused=fused)
     if opts.get("finite_every"):
         module.check_finite_every = opts["finite_every"]
     cfg2 = dict(cfg, log_every_n_steps=0) if opts.get("no_log") else cfg
-    timer = StepTimer(warm, steps)
+    timer = StepTimer(warm, steps, fused)
     callbacks = [timer]
     if opts.get("progress_bar"):
         from lightning.pytorch.callbacks import TQDMProgressBar
@@ -807,17 +802,8 @@ def _ablated_step_times(kind: str, dm, cfg: dict[str, Any], work: str, tag: str,
         callbacks.append(TQDMProgressBar(refresh_rate=100))
     trainer = make_trainer(warm + steps, cfg2, None if opts.get("no_log") else work, f"abl_{kind}_{tag}", callbacks,
                            progress_bar=bool(opts.get("progress_bar")))
-    orig = dmod.TDBatchIterable._draw
-    if opts.get("no_data_seed"):
-        def draw(self, step, gen):  # one unseeded generator stream, like the bare loop's torch.randint
-            idx = torch.randint(self.num_rows, (self.batch_size,), generator=gen, device=self.device)
-            return {key: t.index_select(0, idx) for key, t in self.tensors.items()}
-        dmod.TDBatchIterable._draw = draw
-    try:
-        trainer.fit(module, datamodule=dm)
-    finally:
-        dmod.TDBatchIterable._draw = orig
-    return timer.step_times
+    trainer.fit(module, datamodule=dm)
+    return [t / fused for t in timer.step_times]  # per update
 
 
 def lightning_floor(cfg: dict[str, Any], steps: int = 1000, log=print) -> dict[str, float]:
@@ -845,21 +831,34 @@ def lightning_floor(cfg: dict[str, Any], steps: int = 1000, log=print) -> dict[s
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     class Manual(Auto):
+        k = 1  # updates per Trainer iteration (as IDQLModule's fused_steps)
+
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False
 
         def training_step(self, b, i):
             opt = self.optimizers()
-            loss = self.lin(b["obs"]).mean()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
+            for _ in range(self.k):
+                loss = self.lin(b["obs"]).mean()
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+
+    class Fused(Manual):
+        k = 8
 
     def lightning(cls) -> float:
-        t = StepTimer(50, steps)
-        make_trainer(50 + steps, dict(cfg, log_every_n_steps=0), None, "floor", [t]).fit(cls(), datamodule=DM())
-        return 1e3 * statistics.median(t.step_times)
+        """Median ms per update (an iteration's time / its updates)."""
+        marks: list[float] = []
+
+        class Marks(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                marks.append(time.perf_counter())
+
+        make_trainer(steps, dict(cfg, log_every_n_steps=0), None, "floor", [Marks()]).fit(cls(), datamodule=DM())
+        times = [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
+        return 1e3 * statistics.median(times[len(times) // 10:]) / getattr(cls, "k", 1)  # after a 10% warm-up
 
     def bare() -> float:
         m = Auto()
@@ -875,10 +874,13 @@ def lightning_floor(cfg: dict[str, Any], steps: int = 1000, log=print) -> dict[s
             ts.append(time.perf_counter() - t0)
         return 1e3 * statistics.median(ts[50:])
 
-    res = {"bare_ms": bare(), "lightning_automatic_ms": lightning(Auto), "lightning_manual_ms": lightning(Manual)}
-    log(f"\nLightning floor (near-empty module, median step): bare {res['bare_ms']:.3f} ms, Trainer automatic "
-        f"optimisation {res['lightning_automatic_ms']:.3f} ms (+{res['lightning_automatic_ms'] - res['bare_ms']:.3f}), "
-        f"manual {res['lightning_manual_ms']:.3f} ms (+{res['lightning_manual_ms'] - res['bare_ms']:.3f})")
+    res = {"bare_ms": bare(), "lightning_automatic_ms": lightning(Auto), "lightning_manual_ms": lightning(Manual),
+           "lightning_manual_8_per_iteration_ms": lightning(Fused)}
+    b = res["bare_ms"]
+    log(f"\nLightning floor (near-empty module, median ms per update): bare {b:.3f}, Trainer automatic optimisation "
+        f"{res['lightning_automatic_ms']:.3f} (+{res['lightning_automatic_ms'] - b:.3f}), manual "
+        f"{res['lightning_manual_ms']:.3f} (+{res['lightning_manual_ms'] - b:.3f}), manual with 8 updates per "
+        f"iteration {res['lightning_manual_8_per_iteration_ms']:.3f} (+{res['lightning_manual_8_per_iteration_ms'] - b:.3f})")
     return res
 
 
@@ -908,24 +910,24 @@ def instrument(kind: str, dm, cfg: dict[str, Any], work: str, teacher: str | Non
                 acc.setdefault(name, []).append(time.perf_counter() - t0)
         return wrapper
 
-    seed_hook = module.on_train_batch_start
+    loss_step = module.loss_step
 
-    def on_start(self, batch, batch_idx):
+    def on_loss(self, batch):
         if not depth:
             depth.append(len(inspect.stack(0)))
-        t0 = time.perf_counter()
-        seed_hook(batch, batch_idx)
-        acc.setdefault("on_train_batch_start: per-step seeding, should_log", []).append(time.perf_counter() - t0)
+        return loss_step(batch)
 
-    module.on_train_batch_start = types.MethodType(on_start, module)
-    for name, label in (("on_before_optimizer_step", "on_before_optimizer_step (grad norm, finite check, sync)"),
+    module.loss_step = types.MethodType(on_loss, module)
+    for name, label in (("on_before_optimizer_step", "on_before_optimizer_step (finite check, sync; grad norm if log)"),
+                        ("_lightning_logs_now", "Lightning's should_update_logs (once per iteration)"),
+                        ("_flush_logs", "self.log of the step's scalars (logging steps)"),
                         ("watch_finite", "watch_finite (all calls)"),
                         ("after_optimizer_step", "after_optimizer_step (EMA / target update: also in bare)"),
                         ("should_log", "should_log (all calls)")):
         if callable(getattr(module, name, None)):  # the hooks this version of the module has
             setattr(module, name, timed(label, getattr(module, name)))
     orig = dmod.TDBatchIterable._draw
-    dmod.TDBatchIterable._draw = timed("data stream: reseed + randint + 5 index_select", orig)
+    dmod.TDBatchIterable._draw = timed("data stream: reseed + randint + one row gather", orig)
     timer = StepTimer(warm, steps)
     trainer = make_trainer(warm + steps, cfg, work, f"instr_{kind}", [timer])
     try:
@@ -944,11 +946,11 @@ def instrument(kind: str, dm, cfg: dict[str, Any], work: str, teacher: str | Non
         t0 = time.perf_counter()
         loop.batch()
         bare_batch.append(time.perf_counter() - t0)
-    out = {"median_step_ms": 1e3 * med, "stack_depth_on_train_batch_start": depth[0] if depth else None,
+    out = {"median_step_ms": 1e3 * med, "stack_depth_of_loss_step": depth[0] if depth else None,
            "log_step_excess_ms": 1e3 * log_excess, "log_step_excess_amortised_ms": 1e3 * log_excess / max(1, n_log),
            "bare_batch_ms": 1e3 * statistics.median(bare_batch), "pieces_ms_per_step": {}}
     log(f"\n{kind.upper()} in-situ (Lightning as shipped, {steps} steps): median step {1e3 * med:.3f} ms; "
-        f"on_train_batch_start runs {out['stack_depth_on_train_batch_start']} frames deep")
+        f"loss_step runs {out['stack_depth_of_loss_step']} frames deep")
     for name, ts in acc.items():
         per_step = sum(ts) / steps  # all calls in the window (some run before it: counts are approximate)
         out["pieces_ms_per_step"][name] = {"median_call_ms": 1e3 * statistics.median(ts), "calls": len(ts),
@@ -958,7 +960,8 @@ def instrument(kind: str, dm, cfg: dict[str, Any], work: str, teacher: str | Non
     label = f"logging steps (every {n_log}): extra time per logging step"
     log(f"  {label:58s} {1e3 * log_excess:7.3f} ms, "
         f"amortised {1e3 * log_excess / max(1, n_log):.3f} ms/step")
-    log(f"  {'bare loop batch (torch.randint + 5 tensor[idx])':58s} median {out['bare_batch_ms']:7.3f} ms/call")
+    log(f"  {'bare loop batch (torch.randint + 5 tensor[idx], warm cache)':58s} median {out['bare_batch_ms']:7.3f} "
+        "ms/call")
     return out
 
 
@@ -1060,9 +1063,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="training: timed groups (log_every_n_steps steps a side) per module")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train and act (auto: cuda when available); CUDA runs bf16-mixed, CPU fp32")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="also time the opt-in fast path (compile: true) through the Trainer (auto: on with CUDA; on "
-                        "CPU it costs 10-20 s of compilation per module and gains nothing)")
+    p.add_argument("--compile", default="auto", metavar="auto|off|KINDS",
+                   help="also time the opt-in fast path (compile: true) through the Trainer for these modules (e.g. "
+                        "ct,iql); auto: ct with CUDA (the module of the GPU target), none on CPU, where compiling "
+                        "costs 10-20 s per module and gains nothing")
     p.add_argument("--profile", choices=KINDS, default=None,
                    help="print a cProfile of one module's Lightning loop and exit (writes no results)")
     p.add_argument("--no-ablation-rounds", action="store_true",
@@ -1084,7 +1088,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}, torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     cfg.update(device=device, precision="bf16-mixed" if device == "cuda" else "32-true")
-    compiled = args.compile == "on" or (args.compile == "auto" and device == "cuda")
+    if args.compile == "auto":
+        compiled = ("ct",) if device == "cuda" else ()
+    elif args.compile in ("off", "none", ""):
+        compiled = ()
+    else:
+        compiled = tuple(k for k in args.compile.split(",") if k)
+        if not set(compiled) <= set(KINDS):
+            print(f"bench.py: --compile: expected auto, off or some of {','.join(KINDS)}, found {args.compile!r}",
+                  file=sys.stderr)
+            return 2
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     kinds = tuple(k for k in args.kinds.split(",") if k)
     log = print
@@ -1102,7 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
         res: dict[str, Any] = {"machine": machine_info(),
                                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         settings = {k: v for k, v in cfg.items()}
-        settings.update(quick=args.quick, compiled_fast_path=compiled,
+        settings.update(quick=args.quick, compiled_fast_path=list(compiled),
                         logger=f"TensorBoard, log_every_n_steps={cfg['log_every_n_steps']}",
                         obs_dim=OBS_DIM, act_dim=ACT_DIM,
                         data="synthetic D4RL-layout HDF5 (tests/synth.py) through TDDataModule for training; "

@@ -13,11 +13,13 @@ from tests.synth import write_d4rl_file
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["edm", "iql"])
+@pytest.mark.parametrize("stage", ["edm", "ct", "iql"])
 def test_compiled_training_matches_eager(stage, tmp_path):
     data = str(write_d4rl_file(tmp_path / "d.hdf5", n_episodes=2, episode_len=100, obs_dim=17, act_dim=6))
-    small = ({"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}} if stage == "edm"
+    small = ({"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}} if stage in ("edm", "ct")
              else {"hidden_dim": 32})
+    if stage == "ct":
+        small.update(total_steps=5, s0=2, s1=8)
     finals = {}
     from torch._dynamo.utils import counters
 
