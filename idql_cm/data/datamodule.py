@@ -124,6 +124,8 @@ class TDBatchIterable:
         self.tensors = tensors
         self.packed, self._cols = pack_columns(tensors)
         self._shapes = {k: tuple(t.shape[1:]) for k, t in tensors.items()}
+        self._widths = [b - a for a, b in self._cols.values()]
+        self._flat = all(len(s) == 1 for s in self._shapes.values())  # [N, d] keys: a batch is one split
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -148,6 +150,8 @@ class TDBatchIterable:
         lead = (self.batch_size,) if steps == 1 else (steps, self.batch_size)
         if steps > 1:
             rows = rows.view(steps, self.batch_size, -1)
+        if self._flat:  # one split into the five column views (~2 µs; five slices cost ~10)
+            return dict(zip(self._cols, rows.split(self._widths, dim=-1), strict=True))
         return {k: rows[..., a:b].view(*lead, *self._shapes[k]) if len(self._shapes[k]) != 1 else rows[..., a:b]
                 for k, (a, b) in self._cols.items()}
 
