@@ -32,9 +32,21 @@ def _quiet_warnings() -> None:
                 ".*`isinstance\\(treespec, LeafSpec\\)`.*", ".*Total length of `.*` across ranks is zero.*",
                 ".*The `srun` command is available.*", ".*You defined a `validation_step` but have no.*",
                 ".*Your `IterableDataset` has `__len__` defined.*", ".*sanity.*",
-                ".*module\\(s\\) in eval mode at the start of training.*"):  # the EMA copy, deliberately
+                ".*module\\(s\\) in eval mode at the start of training.*",  # the EMA copy, deliberately
+                # the modules step their optimisers themselves, and a checkpoint of step k holds the state after
+                # update k on purpose (as with automatic optimisation): nothing to save "before optimisation"
+                ".*Using ModelCheckpoint with manual optimization.*"):
         warnings.filterwarnings("ignore", message=pat)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    class _NoTips(logging.Filter):  # Lightning 2.6 advertises a logging service at every fit
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("💡 Tip")
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) or type(f).__name__ == "_NoTips" for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):

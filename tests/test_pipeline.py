@@ -33,6 +33,9 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
         base += ["--set", f"trainer.callbacks.0.init_args.every_n_train_steps={ckpt_every}"]
     first = _pipeline(*base, "--set", "trainer.max_steps=4")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # Lightning's hint about checkpoints "before optimisation" does not apply (and prints a page of example code)
+    assert "pre-optimization" not in first.stdout + first.stderr and "Traceback" not in first.stderr
+    assert "litlogger" not in first.stdout + first.stderr  # nor its advertisement
     for stage in ("iql", "edm", "cd", "ct"):
         assert f"{stage.upper()}: training 4 steps" in first.stdout
         assert (out / f"{stage}.yaml").exists() and (out / stage / "checkpoints" / "last.ckpt").exists()
