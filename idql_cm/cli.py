@@ -11,6 +11,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Any
@@ -38,15 +39,16 @@ def _quiet_warnings() -> None:
                 ".*Using ModelCheckpoint with manual optimization.*"):
         warnings.filterwarnings("ignore", message=pat)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import logging
-
-    class _NoTips(logging.Filter):  # Lightning 2.6 advertises a logging service at every fit
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("💡 Tip")
-
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _NoTips) or type(f).__name__ == "_NoTips" for f in rank_zero.filters):
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
         rank_zero.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning 2.6's advertisement of a logging service, printed at every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):

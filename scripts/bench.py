@@ -217,10 +217,10 @@ def _sync_fn(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def StepTimer(warmup: int, steps: int, per_iteration: int = 1):  # noqa: N802 - used like a class
+def StepTimer(warmup: int, steps: int, per_iteration: int = 1, sync=None):  # noqa: N802 - used like a class
     """A Lightning callback recording per-iteration wall times from the end of step ``warmup`` to the end of step
     ``warmup + steps`` (each interval is one whole loop iteration: batch fetch, hooks, ``per_iteration`` updates,
-    logging); read them from its ``step_times`` after ``fit``."""
+    logging); read them from its ``step_times`` after ``fit``. ``sync`` (CUDA) drains the device before a mark."""
     from lightning.pytorch.callbacks import Callback
 
     class _StepTimer(Callback):
@@ -229,6 +229,8 @@ def StepTimer(warmup: int, steps: int, per_iteration: int = 1):  # noqa: N802 - 
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if warmup <= trainer.global_step <= warmup + steps:  # global_step already counts this batch's step
+                if sync is not None:
+                    sync()
                 self.marks.append(time.perf_counter())
 
         @property
@@ -343,20 +345,20 @@ class BareLoop:
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=total_steps)
             return
         if kind == "cd":
-            from idql_cm.modules.artifacts import read_checkpoint
+            from idql_cm.modules.artifacts import read_checkpoint, state_prefix
 
             ckpt = read_checkpoint(teacher_ckpt, expect_kind="edm")
             meta, state = ckpt["idql_cm"], ckpt["state_dict"]
             kw = net_kwargs(meta["net"])
             method = {k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")}
             self.teacher = EDMDenoiser(IDQLMlp(OBS_DIM, ACT_DIM, **kw), **method)
-            self.teacher.load_state_dict(_sub(state, "ema_model."))
+            self.teacher.load_state_dict(state_prefix(state, "ema_model."))
             self.teacher.requires_grad_(False).eval().to(self.device)
             self.model = ConsistencyModel(IDQLMlp(OBS_DIM, ACT_DIM, **kw), **method)
-            self.model.net.load_state_dict(_sub(state, "model.net."))
+            self.model.net.load_state_dict(state_prefix(state, "model.net."))
             self.model.to(self.device)
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-            self.ema_model.net.load_state_dict(_sub(state, "ema_model.net."))
+            self.ema_model.net.load_state_dict(state_prefix(state, "ema_model.net."))
             self.distill_sigmas = karras_sigmas(18, device=self.device)
             self.opt = torch.optim.Adam(self.model.parameters(), lr=3e-4, weight_decay=0.0)  # constant LR
             return
@@ -422,10 +424,6 @@ class BareLoop:
         self.step_idx += 1
 
 
-def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def bare_step_times(kind: str, tensors, cfg: dict[str, Any], teacher_ckpt: str | None) -> list[float]:
     warm, steps = cfg["warmup_steps"][kind], cfg["timed_steps"][kind]
     loop = BareLoop(kind, tensors, cfg, warm + steps, teacher_ckpt)
@@ -461,7 +459,7 @@ def paired_step_times(kind: str, dm, cfg: dict[str, Any], log_dir: str, teacher_
     blocks = cfg["groups"][kind] * per_group
     total = warm + block * blocks
     module = make_module(kind, cfg, teacher_ckpt, fused=fused)
-    bare = BareLoop(kind, dm.tensors, cfg, warm + total, teacher_ckpt)
+    bare = BareLoop(kind, dm.tensors, cfg, total, teacher_ckpt)  # its warm-up + its blocks = total steps
     timer = PairedTimer(warm, block, blocks, bare, _sync_fn(cfg.get("device", "cpu")))
     trainer = make_trainer(total, cfg, log_dir, f"{kind}_paired_k{fused}", [timer])
     trainer.fit(module, datamodule=dm)
@@ -482,19 +480,9 @@ def compiled_steps_per_s(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str |
     pl.seed_everything(0, verbose=False)
     warm, steps = 3 * cfg["warmup_steps"][kind], cfg["log_every_n_steps"] * max(2, cfg["groups"][kind] // 2)
     module = make_module(kind, cfg, teacher_ckpt, compile=True, fused=cfg["fused_steps"])
-    sync = _sync_fn(cfg.get("device", "cpu"))
-    marks: list[float] = []
-
-    from lightning.pytorch.callbacks import Callback
-
-    class Marks(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step in (warm, warm + steps):
-                sync()
-                marks.append(time.perf_counter())
-
-    make_trainer(warm + steps, cfg, None, f"{kind}_compiled", [Marks()]).fit(module, datamodule=dm)
-    return steps / (marks[1] - marks[0])
+    timer = StepTimer(warm, steps, cfg["fused_steps"], _sync_fn(cfg.get("device", "cpu")))
+    make_trainer(warm + steps, cfg, None, f"{kind}_compiled", [timer]).fit(module, datamodule=dm)
+    return steps / sum(timer.step_times)
 
 
 def sync_check(kind: str, dm, cfg: dict[str, Any], teacher_ckpt: str | None, log=print) -> dict[str, Any]:
@@ -849,16 +837,12 @@ def lightning_floor(cfg: dict[str, Any], steps: int = 1000, log=print) -> dict[s
         k = 8
 
     def lightning(cls) -> float:
-        """Median ms per update (an iteration's time / its updates)."""
-        marks: list[float] = []
-
-        class Marks(pl.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                marks.append(time.perf_counter())
-
-        make_trainer(steps, dict(cfg, log_every_n_steps=0), None, "floor", [Marks()]).fit(cls(), datamodule=DM())
-        times = [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
-        return 1e3 * statistics.median(times[len(times) // 10:]) / getattr(cls, "k", 1)  # after a 10% warm-up
+        """Median ms per update (an iteration's time / its updates), after a 10% warm-up."""
+        k = getattr(cls, "k", 1)
+        warm = max(k, steps // 10 // k * k)  # the first mark comes at the end of the first iteration
+        timer = StepTimer(warm, steps - warm, k)
+        make_trainer(steps, dict(cfg, log_every_n_steps=0), None, "floor", [timer]).fit(cls(), datamodule=DM())
+        return 1e3 * statistics.median(timer.step_times) / k
 
     def bare() -> float:
         m = Auto()
@@ -1107,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
             print(profile_lightning(args.profile, cfg, work))
             return 0
         if args.ablate:
-            lightning_floor(cfg, steps=50 if args.quick else 1000)
+            lightning_floor(cfg, steps=64 if args.quick else 1000)  # multiples of the 8 fused updates
             ablate([k for k in args.ablate.split(",") if k], cfg, work,
                    0 if args.no_ablation_rounds else (args.rounds or 3))
             return 0

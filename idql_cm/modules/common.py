@@ -202,29 +202,24 @@ class IDQLModule(pl.LightningModule):
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         _migrate_loop_progress(checkpoint)
 
-
     # ------------------------------------------------------------------ per-step plumbing
     def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         """This step's training loss (subclasses; they also ``watch_finite`` and log on logging steps)."""
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Whether this iteration logs is Lightning's call, made once (~20 µs a question).
         self._log_now = None
         k = self._fused
-        if k == 1:
-            self._update(batch, self._lightning_logs_now())
-            self._flush_logs()
-            return
-        left = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else k
-        n = max(1, min(k, left))  # the last iteration of a run whose max_steps is not a multiple of K
-        # Lightning's logging period and x-axis count iterations (epoch_loop._batches_that_stepped, which it adds 1
-        # to after each one). Count updates instead, as with K = 1: this iteration logs when its last update
-        # completes a period, at that update's index.
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step + n - 1
-        log = self._lightning_logs_now()
-        for i in range(n):
-            self._update({key: t[i] for key, t in batch.items()}, log and i == n - 1)
+        if k > 1:  # batch: [K, B, ...]
+            left = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else k
+            k = max(1, min(k, left))  # the last iteration of a run whose max_steps is not a multiple of K
+            # Lightning's logging period and x-axis count iterations (epoch_loop._batches_that_stepped, which it adds
+            # 1 to after each one). Count updates instead, as with K = 1: this iteration logs when its last update
+            # completes a period, at that update's index.
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step + k - 1
+        log = self._lightning_logs_now()  # whether this iteration logs: asked once (~20 µs a question)
+        for i in range(k):
+            self._update(batch if self._fused == 1 else {key: t[i] for key, t in batch.items()}, log and i == k - 1)
         self._flush_logs()
 
     def log_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
