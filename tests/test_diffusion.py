@@ -332,3 +332,22 @@ def test_cd_refuses_unknown_solver():
         cd_loss(
             model, model, teacher, torch.zeros(2, ACT), torch.zeros(2, OBS), karras_sigmas(18), solver="rk4"
         )
+
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_given_noise_replays_the_generator_draws(nfe):
+    """``noise=[nfe, B, A]`` (initial draw, then re-noising draws) gives exactly the generator's samples."""
+    obs = torch.randn(6, OBS)
+    cm, edm = ConsistencyModel(small_net()).eval(), EDMDenoiser(small_net()).eval()
+    g = torch.Generator().manual_seed(3)
+    noise = torch.stack([torch.randn(6, ACT, generator=g) for _ in range(nfe)])  # the samplers' order of draws
+    assert torch.equal(cm_sample(cm, obs, nfe, generator=torch.Generator().manual_seed(3)),
+                       cm_sample(cm, obs, nfe, noise=noise))
+    assert torch.equal(edm_sample(edm, obs, nfe, generator=torch.Generator().manual_seed(3)),
+                       edm_sample(edm, obs, nfe, noise=noise))
+    if nfe > 1:  # the re-noising draws are used: other z, other actions
+        other = torch.cat([noise[:1], -noise[1:]])
+        assert not torch.equal(cm_sample(cm, obs, nfe, noise=noise), cm_sample(cm, obs, nfe, noise=other))
+    with pytest.raises(ConfigError, match=rf"expected shape \[{nfe}, 6, {ACT}\].*found \[{nfe}, 6, {ACT + 1}\]"):
+        cm_sample(cm, obs, nfe, noise=torch.zeros(nfe, 6, ACT + 1))

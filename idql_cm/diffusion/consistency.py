@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from idql_cm.diffusion.edm import EDMDenoiser, Preconditioned, _randn, append_dims, ode_step
+from idql_cm.diffusion.edm import EDMDenoiser, Preconditioned, _randn, append_dims, check_noise, ode_step
 from idql_cm.errors import ConfigError
 
 
@@ -57,26 +57,41 @@ def sample_consistency(
     sigmas: torch.Tensor,
     obs: torch.Tensor,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): ``f(x, sigmas[-1])``, then for each lower grid
-    point σ_i > σ_min re-noise ``x = f + √(σ_i² − σ_min²)·z`` and apply f at σ_i. ``len(sigmas) − 1`` evaluations."""
+    point σ_i > σ_min re-noise ``x = f + √(σ_i² − σ_min²)·z`` and apply f at σ_i. ``len(sigmas) − 1`` evaluations.
+
+    ``noise``: the re-noising draws z as ``[len(sigmas) − 2, B, A]`` standard normals, used in order (the first at the
+    highest inner level); None draws them with ``generator``."""
     n = x.shape[0]
     x = model(x, sigmas[-1].expand(n), obs)
-    for i in range(len(sigmas) - 2, 0, -1):
-        x = x + (sigmas[i] ** 2 - model.sigma_min**2).sqrt() * _randn(x.shape, x, generator)
+    for k, i in enumerate(range(len(sigmas) - 2, 0, -1)):
+        z = _randn(x.shape, x, generator) if noise is None else noise[k]
+        x = x + (sigmas[i] ** 2 - model.sigma_min**2).sqrt() * z
         x = model(x, sigmas[i].expand(n), obs)
     return x
 
 
 def cm_sample(
-    model: ConsistencyModel, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None
+    model: ConsistencyModel,
+    obs: torch.Tensor,
+    nfe: int,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` with ``nfe`` evaluations: one step from ``x = randn·σ_max``, then re-noising at the
-    inner points of the Karras grid of nfe intervals (nfe 2: σ = 2.515; nfe 4: 17.53, 2.515, 0.170)."""
+    inner points of the Karras grid of nfe intervals (nfe 2: σ = 2.515; nfe 4: 17.53, 2.515, 0.170).
+
+    ``noise``: all standard-normal draws as ``[nfe, B, A]`` (``noise[0]`` the initial draw, ``noise[1:]`` the
+    re-noising draws), for bit-exact replays (e.g. against an exported graph); None draws them with ``generator``."""
     if nfe < 1:
         raise ConfigError(f"consistency sampling: expected nfe ≥ 1, found nfe={nfe}")
-    x = _randn((obs.shape[0], model.act_dim), obs, generator) * model.sigma_max
-    return sample_consistency(model, x, model.sigmas(nfe, device=obs.device), obs, generator)
+    shape = (obs.shape[0], model.act_dim)
+    check_noise(noise, nfe, shape)
+    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * model.sigma_max
+    return sample_consistency(model, x, model.sigmas(nfe, device=obs.device), obs, generator,
+                              None if noise is None else noise[1:])
 
 
 def ict_kprime(total_steps: int, s0: int = 10, s1: int = 1280) -> int:

@@ -18,6 +18,13 @@ def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torc
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def check_noise(noise: torch.Tensor | None, nfe: int, shape: tuple[int, int]) -> None:
+    """Refuse given sampler noise that is not ``[nfe, B, A]`` (``shape`` = ``(B, A)``)."""
+    if noise is not None and tuple(noise.shape) != (nfe, *shape):
+        raise ConfigError(f"sampler noise: expected shape {[nfe, *shape]} ([nfe, B, act_dim]), "
+                          f"found {list(noise.shape)}")
+
+
 def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """Right-pad ``v`` with singleton dims up to ``ndim`` (``[B] -> [B, 1]`` against ``x: [B, A]``)."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
@@ -165,11 +172,13 @@ def edm_sample(
     solver: str = "euler",
     generator: torch.Generator | None = None,
     sigma_max: float | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` for ``obs: [B, obs_dim]`` with exactly ``nfe`` network evaluations: Euler takes nfe
     steps on the Karras grid of nfe intervals, Heun (nfe + 1)/2 steps and refuses an even nfe. Starts from
     ``x = randn·σ_max`` drawn with ``generator`` when given. ``sigma_max`` overrides the model's σ_max for sampling
-    only (the grid then runs σ_min → sigma_max)."""
+    only (the grid then runs σ_min → sigma_max). ``noise``: ``[nfe, B, A]`` standard normals (the interface of
+    ``cm_sample``); the ODE samplers are deterministic, so only ``noise[0]``, the initial draw, is used."""
     if solver not in ("euler", "heun"):
         raise ConfigError(f"EDM solver: expected 'euler' or 'heun', found {solver!r}")
     if nfe < 1 or (solver == "heun" and nfe % 2 == 0):
@@ -179,7 +188,9 @@ def edm_sample(
         raise ConfigError(f"EDM {solver} sampling: expected {expected}, found nfe={nfe}")
     steps = nfe if solver == "euler" else (nfe + 1) // 2
     top = denoiser.sigma_max if sigma_max is None else float(sigma_max)
-    x = _randn((obs.shape[0], denoiser.act_dim), obs, generator) * top
+    shape = (obs.shape[0], denoiser.act_dim)
+    check_noise(noise, nfe, shape)
+    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * top
     sampler = sample_euler if solver == "euler" else sample_heun
     sigmas = karras_sigmas(steps, denoiser.sigma_min, top, denoiser.rho, device=obs.device)
     return sampler(denoiser, x, sigmas, obs)
