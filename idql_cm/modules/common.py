@@ -244,17 +244,23 @@ class IDQLModule(pl.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
         self._log_now = log
-        loss = self.loss_step(batch)
+        loss = self.loss_step(batch)  # under the precision plugin's autocast (bf16-mixed), as Lightning runs it
         opt, sched = self._opt_and_sched()
         step = self.global_step  # the index of this update (global_step counts it once opt.step() returns)
-        opt.zero_grad()  # set_to_none
-        self.manual_backward(loss)
-        self._skip_update = False
-        opt.step()  # runs on_before_optimizer_step (callbacks, then the non-finite guard) before the update
-        # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run their on_train_batch_end first, and a
-        # checkpoint must hold the EMA / target of the step it is named for.
-        if not self._skip_update:
-            self.after_optimizer_step(step)
+        # Backward and the update outside autocast: training_step runs inside the plugin's autocast region, and a
+        # backward pass started there runs its matmuls in bf16 too (autograd carries the caller's autocast state to
+        # the backward; torch's AMP notes advise against it). Lightning's automatic loop calls backward outside
+        # the region; manual optimisation has to leave it itself. (Measured: an IQL fit with the critic's forward in
+        # fp32 still drifted from the 32-true run by 6e-4 in 6 steps from its bf16 gradients.)
+        with torch.autocast(self.device.type, enabled=False):
+            opt.zero_grad()  # set_to_none
+            self.manual_backward(loss)
+            self._skip_update = False
+            opt.step()  # runs on_before_optimizer_step (callbacks, then the non-finite guard) before the update
+            # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run their on_train_batch_end first, and a
+            # checkpoint must hold the EMA / target of the step it is named for.
+            if not self._skip_update:
+                self.after_optimizer_step(step)
         if sched is not None:
             sched.step()  # also after a skipped update, as Lightning's automatic loop does
 
