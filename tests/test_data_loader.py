@@ -353,9 +353,9 @@ def test_scores():
     assert normalized_score("hopper", 3234.3) == pytest.approx(100.0)
     arr = normalized_score("walker2d", np.array([1.629008, 4592.3]))
     np.testing.assert_allclose(arr, [0.0, 100.0])
-    assert gym_env_id("halfcheetah-medium-expert-v2") == "HalfCheetah-v5"
-    assert gym_env_id("hopper") == "Hopper-v5"
-    assert gym_env_id("walker2d", version="v4") == "Walker2d-v4"
+    assert gym_env_id("halfcheetah-medium-expert-v2") == "HalfCheetah-v4"
+    assert gym_env_id("hopper") == "Hopper-v4"
+    assert gym_env_id("walker2d", version="v5") == "Walker2d-v5"
     with pytest.raises(ConfigError):
         normalized_score("ant", 1.0)
     with pytest.raises(ConfigError):

@@ -123,14 +123,21 @@ def test_critic_of_another_task_fails_at_fit_start(tmp_path, monkeypatch):
         trainer(tmp_path, cb).fit(TinyModule(), train_dataloaders=loader())
 
 
-def test_validate_runs_once_with_the_d4rl_task_mapped_to_v5(tmp_path):
-    cb = RolloutEvaluation(nfe=[1], episodes=3, num_envs=2, max_episode_steps=20, progress=False)
+@pytest.mark.parametrize("version", [None, "v5"])
+def test_validate_runs_once_with_the_d4rl_task_mapped_to_v4(tmp_path, version):
+    """A D4RL task is evaluated in the v4 environment (the data's dynamics) by default, v5 on request; the report
+    says which and why."""
+    kwargs = {} if version is None else {"env_version": version}
+    cb = RolloutEvaluation(nfe=[1], episodes=3, num_envs=2, max_episode_steps=20, progress=False, **kwargs)
     model = TinyModule(env_id=None, task="halfcheetah-medium-expert-v2")
     t = trainer(tmp_path, cb)
     t.validate(model, dataloaders=DataLoader(TensorDataset(torch.randn(8, 17)), batch_size=8))
     rep = json.loads((Path(t.log_dir) / "eval_report.json").read_text())
-    assert rep["mode"] == "validate" and rep["env_id"] == "HalfCheetah-v5"
+    want = f"HalfCheetah-{version or 'v4'}"
+    assert rep["mode"] == "validate" and rep["env_id"] == want
     assert rep["task"] == "halfcheetah-medium-expert-v2" and rep["results"][0]["episodes"] == 3
+    assert want in rep["env_choice"] and ("dynamics the D4RL" in rep["env_choice"]) == (version is None)
+    assert rep["env_choice"] in (Path(t.log_dir) / "eval_report.md").read_text()
 
 
 def test_unknown_environment_skips_with_one_message(tmp_path, caplog):
@@ -154,11 +161,26 @@ def test_config_checks():
     cb = RolloutEvaluation(env_id="NoSuchEnv-v0")
     with pytest.raises(ConfigError, match="NoSuchEnv"):
         cb.setup(None, None, "fit")
-    assert resolve_env_id("hopper-medium-v2") == "Hopper-v5"
-    assert resolve_env_id("Walker2d-v4") == "Walker2d-v4"
-    assert resolve_env_id("halfcheetah-medium-v2", "v4") == "HalfCheetah-v4"
+    with pytest.raises(ConfigError, match="env_version.*'v4' or 'v5'.*'v3'"):
+        RolloutEvaluation(env_version="v3")
+    assert resolve_env_id("hopper-medium-v2") == "Hopper-v4"
+    assert resolve_env_id("Walker2d-v5") == "Walker2d-v5"  # a gymnasium id is used as it is
+    assert resolve_env_id("halfcheetah-medium-v2", "v5") == "HalfCheetah-v5"
     assert resolve_env_id("/data/whatever.hdf5") is None
-    assert resolve_env_id("/data/d4rl/walker2d_medium-v2.hdf5") == "Walker2d-v5"
+    assert resolve_env_id("/data/d4rl/walker2d_medium-v2.hdf5") == "Walker2d-v4"
+
+
+def test_v4_walker_has_the_d4rl_feet():
+    """Why v4: Walker2d-v5 changed the right foot's friction from D4RL's 0.9 to 1.9."""
+    import gymnasium as gym
+    import mujoco
+
+    def foot_friction(env_id):
+        model = gym.make(env_id).unwrapped.model
+        return float(model.geom_friction[mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "foot_geom")][0])
+
+    assert foot_friction(resolve_env_id("walker2d-medium-v2")) == pytest.approx(0.9)
+    assert foot_friction(resolve_env_id("walker2d-medium-v2", "v5")) == pytest.approx(1.9)
 
 
 DDP_SCRIPT = r'''

@@ -12,7 +12,12 @@ import numpy as np
 
 from idql_cm.errors import ConfigError
 
-__all__ = ["REF_SCORES", "gym_env_id", "normalized_score", "task_family"]
+__all__ = ["D4RL_ENV_VERSION", "REF_SCORES", "gym_env_id", "normalized_score", "task_family"]
+
+#: The gymnasium version a D4RL task is evaluated in: v4 has the dynamics of D4RL's -v2 data (Walker2d-v5 gives both
+#: feet friction 1.9 where v2-v4 have 0.9 on the right one, and Hopper/Walker2d-v5 pay no healthy reward on a
+#: terminating step); v5 is selectable (RolloutEvaluation.env_version).
+D4RL_ENV_VERSION = "v4"
 
 # (ref_min = random policy, ref_max = expert), from d4rl/infos.py
 REF_SCORES: dict[str, tuple[float, float]] = {
@@ -54,8 +59,8 @@ def normalized_score(task: str, episode_return):
     return float(score) if score.ndim == 0 else score
 
 
-def gym_env_id(task: str, version: str = "v5") -> str:
-    """The gymnasium MuJoCo id of a task: ``halfcheetah`` → ``HalfCheetah-v5`` (``version="v4"`` → ``-v4``)."""
+def gym_env_id(task: str, version: str = D4RL_ENV_VERSION) -> str:
+    """The gymnasium MuJoCo id of a task: ``halfcheetah`` → ``HalfCheetah-v4`` (``version="v5"`` → ``-v5``)."""
     if not re.fullmatch(r"v\d+", str(version)):
         raise ConfigError(f"gym version {version!r}: expected 'v4' or 'v5'")
     return f"{_GYM_NAMES[_family_or_raise(task)]}-{version}"

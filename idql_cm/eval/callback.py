@@ -27,15 +27,28 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, evaluate
 
 
-def resolve_env_id(name: str | None, version: str = "v5") -> str | None:
+def env_choice(name: str | None, env_id: str, version: str) -> str:
+    """One sentence for the report: which environment a policy was evaluated in, and why."""
+    import gymnasium
+
+    if name in gymnasium.registry and not str(name).endswith(("-v2", "-v3")):
+        return f"{env_id}: the environment the data names"
+    why = ("the dynamics the D4RL -v2 data came from" if version == "v4" else
+           "not the D4RL data's dynamics on Hopper / Walker2d (v5 changed a foot's friction and pays no healthy "
+           "reward on a terminating step)")
+    return f"{env_id}: D4RL task {name} mapped to the {version} environment, {why}; env_version selects v4 or v5"
+
+
+def resolve_env_id(name: str | None, version: str = D4RL_ENV_VERSION) -> str | None:
     """A runnable gymnasium id for a task name, D4RL id, dataset path or gymnasium id; ``None`` if unknown.
 
-    Known locomotion families (halfcheetah / hopper / walker2d) map to their gymnasium ``version`` (``"v5"``) unless
+    Known locomotion families (halfcheetah / hopper / walker2d) map to their gymnasium ``version`` (``"v4"``) unless
     ``name`` already is a runnable gymnasium id of that family (v2/v3 need mujoco_py and are mapped too); any other
     registered gymnasium id is used as it is.
     """
@@ -96,7 +109,9 @@ class RolloutEvaluation(Callback):
         env_id: gymnasium id to evaluate in; ``None`` derives it from the policy's ``env_id`` / ``task`` (e.g. a
             D4RL id ``halfcheetah-medium-v2`` → ``HalfCheetah-v5``). If it cannot be derived the evaluation is
             skipped with one log line.
-        env_version: gymnasium version used when mapping a D4RL task to an env id (``"v5"``; ``"v4"`` works).
+        env_version: gymnasium version a D4RL task maps to: ``"v4"`` (default: the dynamics the D4RL data came from;
+            Walker2d-v5 gives both feet friction 1.9 where v2-v4 have 0.9 on one, and v5 pays no healthy reward on a
+            terminating step) or ``"v5"``. The report states the choice.
         vector_mode: ``"sync"`` (one process, fastest on few cores) or ``"async"`` (one process per env).
         max_episode_steps: episode time limit (1000 as in D4RL).
         record_video: record the first K episodes of each NFE (on rank 0) as MP4 into ``{log_dir}/videos`` (imageio-ffmpeg;
@@ -109,7 +124,7 @@ class RolloutEvaluation(Callback):
     def __init__(self, critic_ckpt: str | None = None, nfe: list[int] = [1, 2, 4], episodes: int = 10,  # noqa: B006
                  num_envs: int = 10, num_candidates: int = 256, temperature: float = 100.0,
                  selection: str = "softmax", every_n_steps: int = 0, env_id: str | None = None,
-                 env_version: str = "v5", vector_mode: str = "sync", max_episode_steps: int = 1000,
+                 env_version: str = D4RL_ENV_VERSION, vector_mode: str = "sync", max_episode_steps: int = 1000,
                  record_video: int = 0, seed: int = 0, progress: bool = True) -> None:
         super().__init__()
         nfe = [int(k) for k in ([nfe] if isinstance(nfe, int) else nfe)]
@@ -122,6 +137,8 @@ class RolloutEvaluation(Callback):
                 raise ConfigError(f"RolloutEvaluation.{name}: expected an integer >= {low}, found {value}")
         if selection not in SELECTIONS:
             raise ConfigError(f"RolloutEvaluation.selection: expected one of {SELECTIONS}, found {selection!r}")
+        if env_version not in ("v4", "v5"):
+            raise ConfigError(f"RolloutEvaluation.env_version: expected 'v4' or 'v5', found {env_version!r}")
         if vector_mode not in VECTOR_MODES:
             raise ConfigError(f"RolloutEvaluation.vector_mode: expected one of {VECTOR_MODES}, found {vector_mode!r}")
         if float(temperature) < 0:
@@ -225,17 +242,19 @@ class RolloutEvaluation(Callback):
                               f"found {type(pl_module).__name__}")
         return pl_module.eval_actor()
 
-    def _env_for(self, actor) -> str | None:
-        """The gymnasium id to evaluate in, or None after announcing (once) why evaluation is skipped."""
+    def _env_for(self, actor) -> tuple[str, str] | None:
+        """``(gymnasium id, why that one)`` to evaluate in, or None after announcing (once) why evaluation is
+        skipped."""
         if self._skip_reason is not None:
             return None
         if self.env_id is not None:
-            return resolve_env_id(self.env_id, self.env_version)
+            resolved = resolve_env_id(self.env_id, self.env_version)
+            return resolved, env_choice(self.env_id, resolved, self.env_version)
         env_id, task = getattr(actor, "env_id", None), getattr(actor, "task", None)
         for name in (env_id, task):
             resolved = resolve_env_id(name, self.env_version)
             if resolved is not None:
-                return resolved
+                return resolved, env_choice(name, resolved, self.env_version)
         self._skip_reason = (f"RolloutEvaluation: skipping rollouts: no environment for this policy (env_id="
                              f"{env_id!r}, task={task!r} is not a known D4RL task or gymnasium id); set "
                              f"RolloutEvaluation.env_id to evaluate")
@@ -303,9 +322,10 @@ class RolloutEvaluation(Callback):
 
         self._last_eval_step = int(step)
         actor = self._actor(pl_module)
-        env_id = self._env_for(actor)
-        if env_id is None:
+        env = self._env_for(actor)
+        if env is None:
             return None
+        env_id, env_note = env
         device = pl_module.device
         critic = self._get_critic(device)
         self._check_pair(actor, critic)
@@ -350,7 +370,7 @@ class RolloutEvaluation(Callback):
             results, task=task, env_id=env_id, backbone=getattr(actor, "kind", None), step=int(step),
             critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
             temperature=self.temperature, num_candidates=self.num_candidates,
-            mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
+            env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
             checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
             episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
             max_episode_steps=self.max_episode_steps, world_size=world,

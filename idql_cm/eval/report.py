@@ -190,6 +190,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append(f"Behaviour policy alone (no critic: behaviour cloning with the {bb} model, one sample per "
                      f"state).")
+    if report.get("env_choice"):
+        lines.append(f"Environment: {report['env_choice']}.")
     lines += [f"Training step {report.get('step')}; D4RL normalised score ×100, mean ± standard error over "
               f"episodes (sample std / √n); unstable episodes excluded.", ""]
     lines.append(f"| Environment | NFE | {bb} ({_fmt_steps(report.get('step'))}) | return | episodes | unstable | "
