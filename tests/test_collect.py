@@ -127,3 +127,26 @@ def test_cli_parser(tmp_path):
     assert (args.env, args.transitions, args.seed, args.behaviour) == ("HalfCheetah-v5", 300, 2, "random")
     assert args.func(args) == 0
     assert load_d4rl(out)["observations"].shape == (299 - 0, 17)
+
+
+def test_medium_expert_is_the_d4rl_construction(tmp_path):
+    """The weak behaviour's episodes, then the strong one's (half the rows each), labelled per episode; the weak one
+    is the strong gait with lapses (whole 50-step blocks at a third of the swing), so its returns are clearly lower
+    while outside its lapses it plays the strong gait: at shared states, two actions."""
+    path = collect("HalfCheetah-v5", tmp_path / "me.hdf5", transitions=8_000, seed=0, behaviour="medium-expert",
+                   progress=False)
+    with h5py.File(path, "r") as f:
+        levels = f["metadata/episode_level"][()].astype(str).tolist()
+        returns = f["metadata/episode_returns"][()]
+        lapse_steps = f["metadata/episode_lapse_steps"][()]
+        act = f["actions"][()].reshape(8, 1000, -1)
+        gait = SineGait.from_vector(f["metadata/gait"][()])
+    assert levels == ["medium"] * 4 + ["expert"] * 4
+    assert (lapse_steps[:4] > 0).all() and (lapse_steps[:4] % 50 == 0).all() and (lapse_steps[4:] == 0).all()
+    assert np.median(returns[4:]) > 1.5 * np.median(returns[:4])
+    clean = gait.actions(1000)  # the strong gait, noise-free
+    gap = np.abs(act - clean).mean(-1)  # [8, 1000]
+    lapsed = gap[:4] > 0.1
+    assert not lapsed[:, :100].any() and 0.2 < lapsed[:, 100:].mean() < 0.8
+    assert (lapsed[:, 100:].reshape(4, 18, 50).mean(-1) % 1 == 0).all()  # whole blocks
+    assert gap[4:].mean() < 0.03 and gap[:4][~lapsed].mean() < 0.03  # elsewhere: the strong gait + noise 0.02

@@ -10,6 +10,14 @@ Behaviours:
   HalfCheetah gait reaches 2800). On HalfCheetah-v5, seeds 0-7 gave gaits of 2270-3450 (worst of three
   episodes) in 7-16 s.
   On Hopper / Walker2d an open-loop gait is weak and falls early; it still runs (any honest controller).
+* ``medium-expert``: D4RL's construction of its medium-expert datasets, a weak behaviour's episodes followed by a
+  strong one's, half the transitions each. The strong behaviour ("expert") is the gait under action noise of std
+  0.02; the weak one ("medium") is the same gait with lapses (:data:`LAPSES`): from step 100 on, each 50-step block
+  is, with probability 1/2, played at a third of the swing. On HalfCheetah-v5 that is about 2700 against 1000 per
+  episode, and the states are shared: about 40% of the strong behaviour's states have a weak-behaviour state as near
+  as the nearest state of another strong episode, while at such a state the weak behaviour may lapse. So for many
+  states the data's actions are bimodal, as in D4RL's medium-expert. (A weaker gait alone, amplitude 0.6, shares
+  under 1% of the states: it runs at another speed.) ``metadata/episode_level`` names each episode's behaviour.
 * ``mixed`` (the demo dataset): episodes of the gait at amplitude scales 1.0 / 0.8 / 0.6 / 0.4 and under Gaussian
   action noise of std 0 to 0.2, plus fully random episodes, in turn (:data:`MIXED_SCHEDULE`), so episode returns
   spread from the random level to the gait's (on HalfCheetah-v5 roughly -300, 450, 900, 1800, 2000-3000).
@@ -48,7 +56,10 @@ __all__ = [
     "search_gait",
 ]
 
-BEHAVIOURS = ("random", "scripted", "mixed")
+BEHAVIOURS = ("random", "scripted", "mixed", "medium-expert")
+#: the weak level of ``medium-expert``: (first step that may lapse, block length, lapse probability, swing scale)
+LAPSES = (100, 50, 0.5, 0.3)
+MEDIUM_EXPERT_NOISE = 0.02  # action-noise std of both levels
 # (gait amplitude scale, Gaussian action-noise std) per episode of the mixed behaviour, in turn; None = uniform
 # random actions
 MIXED_SCHEDULE: tuple[tuple[float, float] | None, ...] = (
@@ -226,13 +237,20 @@ def search_gait(
 
 
 # ----------------------------------------------------------------------------------------------- collection
-def _episode_plan(behaviour: str, episode: int) -> tuple[float, float] | None:
-    """(amplitude scale, noise std) of an episode (None = uniform random actions)."""
+def _episode_plan(behaviour: str, episode: int, row: int, transitions: int) -> tuple[float, float] | None:
+    """(amplitude scale, noise std) of the episode that starts at ``row`` (None = uniform random actions)."""
     if behaviour == "random":
         return None
     if behaviour == "scripted":
         return (1.0, 0.0)
+    if behaviour == "medium-expert":
+        return (1.0, MEDIUM_EXPERT_NOISE)  # the weak level's lapses are drawn in collect()
     return MIXED_SCHEDULE[episode % len(MIXED_SCHEDULE)]
+
+
+def _level(row: int, transitions: int) -> str:
+    """medium-expert: the first half of the rows (to the end of the episode running there) is the weak behaviour."""
+    return "medium" if row < transitions // 2 else "expert"
 
 
 def collect(
@@ -251,7 +269,7 @@ def collect(
         out: the output file (its folder is created; an existing file is replaced atomically at the end).
         transitions: number of rows (environment steps); episodes are 1000 steps unless the env terminates.
         seed: seeds the gait search, the environment resets and the action noise.
-        behaviour: ``"random"``, ``"scripted"`` or ``"mixed"`` (see the module docstring).
+        behaviour: ``"random"``, ``"scripted"``, ``"mixed"`` or ``"medium-expert"`` (see the module docstring).
         progress: print progress lines to stderr.
         search_budget: env steps the gait search may spend (None: the per-environment default).
 
@@ -298,10 +316,13 @@ def collect(
     ep_lengths: list[int] = []
     ep_noise: list[float] = []
     ep_amp: list[float] = []
+    ep_level: list[str] = []
+    ep_lapses: list[int] = []
     gait_actions = {}
 
-    def plan_actions(episode: int) -> np.ndarray:
-        plan = _episode_plan(behaviour, episode)
+    def plan_actions(episode: int, row: int) -> np.ndarray:
+        plan = _episode_plan(behaviour, episode, row, transitions)
+        ep_level.append(_level(row, transitions) if behaviour == "medium-expert" else behaviour)
         ep_amp.append(float("nan") if plan is None else plan[0])
         ep_noise.append(float("nan") if plan is None else plan[1])
         if plan is None:
@@ -312,6 +333,15 @@ def collect(
                 scaled = SineGait(gait.amplitude * amp, gait.phase, gait.offset, gait.omega, gait.ramp)
                 gait_actions[amp] = scaled.actions(EPISODE_STEPS)
             a = gait_actions[amp]
+            if behaviour == "medium-expert":
+                lapse = np.zeros(EPISODE_STEPS, bool)
+                if ep_level[-1] == "medium":
+                    start, block, p, scale = LAPSES
+                    for b0 in range(start, EPISODE_STEPS, block):
+                        lapse[b0:b0 + block] = rng.random() < p
+                    # a lapse shrinks the gait's swing around its offset: the same posture, a weaker stride
+                    a = np.where(lapse[:, None], gait.offset + scale * (a - gait.offset), a)
+                ep_lapses.append(int(lapse.sum()))
             if noise > 0:
                 a = np.clip(a + noise * rng.standard_normal(a.shape), -1.0, 1.0)
         return amap(a)
@@ -319,7 +349,7 @@ def collect(
     try:
         obs, _ = env.reset(seed=int(seed))
         episode, t, ep_ret = 0, 0, 0.0
-        ep_actions = plan_actions(episode)
+        ep_actions = plan_actions(episode, 0)
         report_every = max(transitions // 10, 1)
         for i in range(transitions):
             observations[i] = obs
@@ -340,7 +370,7 @@ def collect(
                 ep_lengths.append(t)
                 episode, t, ep_ret = episode + 1, 0, 0.0
                 obs, _ = env.reset()
-                ep_actions = plan_actions(episode)
+                ep_actions = plan_actions(episode, i + 1)
             if progress and (i + 1) % report_every == 0:
                 last = f", last episode return {ep_returns[-1]:.0f}" if ep_returns else ""
                 _log(True, f"{i + 1:,}/{transitions:,} transitions ({100 * (i + 1) // transitions}%), "
@@ -352,6 +382,9 @@ def collect(
         else:
             ep_noise.pop()  # planned an episode that never started
             ep_amp.pop()
+            ep_level.pop()
+            if ep_lapses:
+                ep_lapses.pop()
     finally:
         env.close()
 
@@ -379,12 +412,16 @@ def collect(
                 "episode_lengths": np.asarray(ep_lengths, np.int64),
                 "episode_amplitude": np.asarray(ep_amp, np.float64),
                 "episode_noise": np.asarray(ep_noise, np.float64),
+                "episode_level": np.asarray(ep_level, dtype=h5py.string_dtype()),
                 "last_episode_complete": bool(t == 0),
                 "generator": "idql-cm collect",
             }
             if gait is not None:
                 meta["gait"] = gait.to_vector()
                 meta["gait_search_return"] = np.float64(gait_score)
+                if behaviour == "medium-expert":
+                    meta["lapses"] = np.asarray(LAPSES, np.float64)
+                    meta["episode_lapse_steps"] = np.asarray(ep_lapses, np.int64)
                 if behaviour == "mixed":
                     meta["mixed_schedule"] = np.asarray(
                         [(np.nan, np.nan) if x is None else x for x in MIXED_SCHEDULE], np.float64)
@@ -408,7 +445,8 @@ def add_collect_parser(subparsers):
         help="collect a D4RL-layout dataset from a gymnasium MuJoCo env (no download)",
         description="Run a gymnasium MuJoCo environment and write a D4RL-layout HDF5 dataset. "
                     "'mixed' (the demo data) = a searched sine gait at several amplitudes and noise levels plus random "
-                    "episodes; 'scripted' = the gait; 'random' = uniform random actions.",
+                    "episodes; 'medium-expert' = D4RL's construction: the gait with lapses (weak), then the gait "
+                    "(strong), half the transitions each; 'scripted' = the gait; 'random' = uniform random actions.",
     )
     p.add_argument("--env", default="HalfCheetah-v5", help="gymnasium id (default: HalfCheetah-v5)")
     p.add_argument("--out", required=True, help="output HDF5 file (written atomically)")
