@@ -5,13 +5,14 @@ Inference API::
     from idql_cm import load_actor, load_agent
     actor = load_actor("ct.ckpt")                 # actor.sample(obs, nfe=1) -> actions
     agent = load_agent("ct.ckpt", "iql.ckpt")     # agent.act(obs, nfe=1)    -> actions
+    policy = load_exported("ct.onnx")             # policy.act(obs)          -> actions (idql-cm export)
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_actor", "load_agent"]
+__all__ = ["__version__", "load_actor", "load_agent", "load_exported"]
 
 
 def __getattr__(name):  # lazy: importing the package must not import torch/gymnasium eagerly
@@ -19,4 +20,8 @@ def __getattr__(name):  # lazy: importing the package must not import torch/gymn
         from idql_cm.eval import api
 
         return getattr(api, name)
+    if name == "load_exported":
+        from idql_cm.export.runtime import load_exported
+
+        return load_exported
     raise AttributeError(name)

@@ -2,7 +2,8 @@
 
 ``idql-cm fit|validate|test --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
 command, so this is the project's form of ``lightning fit --config``); ``idql-cm collect`` writes a
-D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports.
+D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports; ``idql-cm export`` writes
+a trained agent as one ONNX or TorchScript file (``idql_cm.export``).
 
 Errors a user can cause print one line on stderr and exit with code 2; ``IDQL_CM_DEBUG=1`` shows the
 traceback instead.
@@ -281,13 +282,15 @@ def _kind_of(class_path: str) -> str | None:
 def _aux_main(argv: list[str]) -> int:
     from idql_cm.data.collect import add_collect_parser, run_collect
     from idql_cm.eval.report import add_report_parser, run_report
+    from idql_cm.export.cli import add_export_parser, run_export
 
     parser = argparse.ArgumentParser(prog="idql-cm")
     sub = parser.add_subparsers(dest="command", required=True)
     add_collect_parser(sub)
     add_report_parser(sub)
+    add_export_parser(sub)
     args = parser.parse_args(argv)
-    handler = {"collect": run_collect, "report": run_report}[args.command]
+    handler = {"collect": run_collect, "report": run_report, "export": run_export}[args.command]
     result = handler(args)
     return int(result or 0)
 
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in ("collect", "report"):
+        if argv and argv[0] in ("collect", "report", "export"):
             return _aux_main(argv)
         build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return 0

@@ -13,7 +13,12 @@ state:
 Without a critic the agent is the behaviour policy alone (behaviour cloning): one sample per state.
 
 Observations are raw (unnormalised); the actor normalises them itself. ``act`` accepts NumPy arrays or tensors and
-answers in kind (NumPy float32 for NumPy input), for one state ``[obs_dim]`` or a batch ``[B, obs_dim]``.
+answers in kind (NumPy float32 for NumPy input), for one state ``[obs_dim]`` or a batch ``[B, obs_dim]``; it refuses
+non-finite observations (a deployed policy must not turn a NaN state into a NaN action).
+
+Randomness can be given instead of drawn (for replays, and for parity with an exported graph, ``idql_cm.export``):
+``noise [nfe, B, N, act_dim]`` standard normals (the sampler's initial and re-noising draws, ``N = 1`` without a
+critic) and ``u [B]`` uniforms in [0, 1) for the softmax draw, taken by inverse CDF.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from idql_cm.diffusion.consistency import cm_sample
+from idql_cm.diffusion.edm import edm_sample
 from idql_cm.errors import CheckpointError, ConfigError, DataError
 
 SELECTIONS = ("softmax", "argmax")
@@ -52,7 +59,44 @@ def _as_obs_batch(obs: Any, obs_dim: int, device: torch.device | str | None, whe
         raise DataError(f"{where}: expected observations of shape [B, {obs_dim}] (the policy's obs_dim) "
                         f"or [{obs_dim}], found shape {list(obs.shape if hasattr(obs, 'shape') else t.shape)}")
     t = t.to(device=device, dtype=torch.float32)
+    check_finite_rows(t, where)
     return t, was_numpy, single
+
+
+def check_finite_rows(obs: torch.Tensor, where: str) -> None:
+    """Refuse observations ``[B, O]`` with a NaN or Inf, naming the first rows that hold one."""
+    bad = (~torch.isfinite(obs)).any(dim=-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:8])) + (f", ... ({len(rows)} rows)" if len(rows) > 8 else "")
+        raise DataError(f"{where}: expected finite observations, found NaN/Inf in row(s) {shown} of {obs.shape[0]}")
+
+
+def _given_noise(noise, shape: tuple[int, ...], device, where: str) -> torch.Tensor | None:
+    """Given sampler noise → float32 tensor of ``shape`` on ``device``; None stays None."""
+    if noise is None:
+        return None
+    noise = torch.as_tensor(noise, dtype=torch.float32, device=device)
+    if tuple(noise.shape) != tuple(shape):
+        dims = "[nfe, B, act_dim]" if len(shape) == 3 else "[nfe, B, candidates, act_dim]"
+        raise ConfigError(f"{where}: expected noise of shape {list(shape)} ({dims}), found {list(noise.shape)}")
+    return noise
+
+
+def _given_u(u, b: int, device, where: str, draws: bool) -> torch.Tensor | None:
+    """Given uniforms for the softmax draw → float32 ``[B]`` on ``device``, each in [0, 1); None stays None."""
+    if u is None:
+        return None
+    if not draws:
+        raise ConfigError(f"{where}: u (uniforms for the softmax draw) given, but this agent does not draw "
+                          f"(selection argmax, an infinite temperature or no critic)")
+    u = torch.as_tensor(u, dtype=torch.float32, device=device)
+    if tuple(u.shape) != (b,):
+        raise ConfigError(f"{where}: expected u of shape [{b}] (one uniform per state), found {list(u.shape)}")
+    if not bool(((u >= 0) & (u < 1)).all()):
+        raise ConfigError(f"{where}: expected u in [0, 1), found values from {float(u.min()):.4g} to "
+                          f"{float(u.max()):.4g}")
+    return u
 
 
 def _in_kind(act: torch.Tensor, was_numpy: bool, single: bool):
@@ -64,12 +108,16 @@ def _in_kind(act: torch.Tensor, was_numpy: bool, single: bool):
 
 
 def select_candidates(adv: torch.Tensor, temperature: float = 100.0, selection: str = "softmax",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """Indices ``[B]`` of the chosen candidates given advantages ``adv: [B, N]``.
 
     ``softmax``: one draw from ``softmax(temperature · adv)`` per row (``temperature = inf`` → argmax);
     ``argmax``: the best candidate. Non-finite advantages never win: NaN/−inf get zero weight; a row without any
     finite advantage falls back to a uniform draw.
+
+    ``u: [B]`` uniforms in [0, 1) make the softmax draw an inverse-CDF pick: the first candidate whose cumulative
+    probability exceeds ``u``. Without ``u`` the draw is ``torch.multinomial`` with ``generator``. The same code
+    runs in the exported graph (``idql_cm.export``), which is why it uses only cumsum / compare / sum.
     """
     if selection == "argmax" or (selection == "softmax" and math.isinf(temperature)):
         return torch.nan_to_num(adv.float(), nan=-math.inf).argmax(dim=-1)
@@ -77,10 +125,38 @@ def select_candidates(adv: torch.Tensor, temperature: float = 100.0, selection: 
         raise ConfigError(f"selection: expected one of {SELECTIONS}, found {selection!r}")
     logits = temperature * adv.float()
     logits = torch.nan_to_num(logits, nan=-math.inf, posinf=torch.finfo(torch.float32).max)
-    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    dead = (logits == -math.inf).all(dim=-1, keepdim=True)  # == -inf, not isneginf: ONNX has no IsNegInf
     logits = torch.where(dead, torch.zeros_like(logits), logits)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if u is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(dim=-1)                                   # [B, N]
+    target = u.to(cdf)[:, None] * cdf[:, -1:]                    # scaled by the total: rounding never overshoots
+    return (cdf <= target).sum(dim=-1).clamp(max=adv.shape[-1] - 1)
+
+
+def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``actor.sample(obs, nfe, generator)``, or with given sampler ``noise [nfe, B, act_dim]`` the same call of
+    the actor's sampler (``edm_sample`` / ``cm_sample``) with that noise.
+
+    ``Actor.sample`` (``idql_cm.modules.artifacts``) takes no noise, so the noise path repeats its two lines
+    (normalise, call the sampler with the checkpoint's sampling options); ``tests/test_export.py`` checks that both
+    paths draw the same actions from the same normals, so a change to ``Actor.sample`` that is not made here fails.
+    """
+    if noise is None:
+        return actor.sample(obs, nfe, generator=generator)
+    model = getattr(actor, "model", None)
+    if model is None:
+        raise ConfigError(f"sampler noise: {type(actor).__name__} samples with its own randomness; given noise "
+                          f"needs a checkpoint's policy (idql_cm.load_actor / load_agent)")
+    obs_n = (obs.to(actor.obs_mean.device, torch.float32) - actor.obs_mean) / actor.obs_std
+    if actor.kind == "edm":
+        return edm_sample(model, obs_n, nfe, solver=actor.solver, sigma_max=actor.sample_sigma_max, noise=noise)
+    # a consistency model that re-noises on its training grid carries it (modules.artifacts.sampling_options);
+    # passed only when set, so that this also runs against a cm_sample without the option
+    grid = getattr(actor, "train_grid", None)
+    return cm_sample(model, obs_n, nfe, noise=noise, **({} if grid is None else {"train_grid": grid}))
 
 
 class ActorPolicy:
@@ -99,11 +175,16 @@ class ActorPolicy:
         return getattr(self.actor, name)
 
     @torch.inference_mode()
-    def sample(self, obs, nfe: int = 1, generator: torch.Generator | None = None):
-        """``obs: [B, obs_dim]`` or ``[obs_dim]`` raw (NumPy or tensor) → actions ``[B, act_dim]`` in kind."""
+    def sample(self, obs, nfe: int = 1, generator: torch.Generator | None = None, noise=None):
+        """``obs: [B, obs_dim]`` or ``[obs_dim]`` raw (NumPy or tensor) → actions ``[B, act_dim]`` in kind.
+
+        ``noise``: the sampler's standard normals ``[nfe, B, act_dim]`` instead of draws from ``generator``."""
         t, was_numpy, single = _as_obs_batch(obs, self.actor.obs_dim, getattr(self.actor, "device", None),
                                              "ActorPolicy.sample")
-        return _in_kind(self.actor.sample(t, int(nfe), generator=generator), was_numpy, single)
+        if single and noise is not None:
+            noise = torch.as_tensor(noise).unsqueeze(1)
+        noise = _given_noise(noise, (int(nfe), t.shape[0], int(self.actor.act_dim)), t.device, "ActorPolicy.sample")
+        return _in_kind(sample_actions(self.actor, t, int(nfe), generator, noise), was_numpy, single)
 
     __call__ = sample
 
@@ -169,26 +250,49 @@ class IDQLAgent:
         return self.critic is not None
 
     # -- acting ------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def act_tensor(self, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``obs: [B, obs_dim]`` float32 tensor on the actor's device → actions ``[B, act_dim]`` (no checks)."""
-        if self.critic is None:
-            return self.actor.sample(obs, nfe, generator=generator)
-        b, n = obs.shape[0], self.num_candidates
-        obs_rep = obs.repeat_interleave(n, dim=0)                          # [B·N, O]
-        cand = self.actor.sample(obs_rep, nfe, generator=generator)       # [B·N, A], one actor call
-        adv = self.critic.advantage(obs_rep, cand).reshape(b, n)          # [B, N], one critic call
-        idx = select_candidates(adv.to(cand.device), self.temperature, self.selection, generator)  # [B]
-        return cand.reshape(b, n, -1)[torch.arange(b, device=cand.device), idx]  # [B, A]
+    @property
+    def draws_selection(self) -> bool:
+        """True when the choice among candidates is random (softmax at a finite temperature), i.e. takes ``u``."""
+        return self.critic is not None and self.selection == "softmax" and not math.isinf(self.temperature)
 
-    def act(self, obs, nfe: int = 1, generator: torch.Generator | None = None):
+    @torch.inference_mode()
+    def act_tensor(self, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+        """``obs: [B, obs_dim]`` float32 tensor on the actor's device → actions ``[B, act_dim]`` (no checks).
+
+        ``noise [nfe, B, N, act_dim]`` / ``u [B]``: given randomness (see :meth:`act`). This is also the body of
+        the exported graph (``idql_cm.export`` traces it), so it stays free of host-side checks."""
+        b, a = obs.shape[0], self.act_dim
+        if self.critic is None:
+            return sample_actions(self.actor, obs, nfe, generator, None if noise is None else noise.reshape(nfe, b, a))
+        n = self.num_candidates
+        obs_rep = obs.repeat_interleave(n, dim=0)                          # [B·N, O]
+        if noise is not None:
+            noise = noise.reshape(nfe, b * n, a)                          # row b·N + j: state b, candidate j
+        cand = sample_actions(self.actor, obs_rep, nfe, generator, noise)  # [B·N, A], one actor call
+        adv = self.critic.advantage(obs_rep, cand).reshape(b, n)          # [B, N], one critic call
+        idx = select_candidates(adv.to(cand.device), self.temperature, self.selection, generator, u)  # [B]
+        return torch.gather(cand.reshape(b, n, a), 1, idx.reshape(b, 1, 1).expand(b, 1, a)).squeeze(1)  # [B, A]
+
+    def act(self, obs, nfe: int = 1, generator: torch.Generator | None = None, noise=None, u=None):
         """Actions for raw observations ``[B, obs_dim]`` (or one ``[obs_dim]``), NumPy or tensor, in kind.
 
         ``nfe`` network evaluations of the behaviour policy per candidate; ``generator`` (on the actor's
-        device) makes the candidates and the softmax draw reproducible.
+        device) makes the candidates and the softmax draw reproducible. Instead of drawing, ``noise``
+        (``[nfe, B, N, act_dim]`` standard normals, ``N`` = ``num_candidates``, 1 without a critic) and ``u``
+        (``[B]`` uniforms in [0, 1), for the softmax draw by inverse CDF) can be given; for one state ``[obs_dim]``
+        they may be ``[nfe, N, act_dim]`` and a scalar. Non-finite observations raise a ``DataError`` naming the
+        rows.
         """
         t, was_numpy, single = _as_obs_batch(obs, self.obs_dim, self.device, "IDQLAgent.act")
-        return _in_kind(self.act_tensor(t, int(nfe), generator), was_numpy, single)
+        nfe = int(nfe)
+        n = self.num_candidates if self.critic is not None else 1
+        if single:
+            noise = None if noise is None else torch.as_tensor(noise).unsqueeze(1)
+            u = None if u is None else torch.as_tensor(u).reshape(1)
+        noise = _given_noise(noise, (nfe, t.shape[0], n, self.act_dim), t.device, "IDQLAgent.act")
+        u = _given_u(u, t.shape[0], t.device, "IDQLAgent.act", self.draws_selection)
+        return _in_kind(self.act_tensor(t, nfe, generator, noise, u), was_numpy, single)
 
     sample = act
     __call__ = act
