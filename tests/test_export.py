@@ -245,3 +245,19 @@ def test_exported_and_python_api_refuse_bad_observations(ckpts, tmp_path):
         load_exported(tmp_path / "a.onnx").act(np.zeros((5, OBS_DIM), np.float32), noise=np.zeros((1, 5, 6)))
     with pytest.raises(ConfigError, match=r"u in \[0, 1\)"):
         agent.act(np.zeros((1, OBS_DIM)), u=np.array([1.0]))
+
+
+def test_onnx_mish_lowering_matches_torch(tmp_path):
+    """The export lowers aten::mish to Exp/Mul/Div (onnxruntime's Softplus is slow): same values, edge cases too."""
+    from idql_cm.export.exporter import ONNX_OPSET, _mish_symbolic
+
+    x = torch.tensor([-1e4, -100, -30, -10, -1, 0, 1e-8, 1, 10, 19.9, 20, 20.1, 50, 100, 1e4, np.inf, np.nan])
+    x = torch.cat([x, torch.linspace(-40, 40, 4001)])
+    torch.onnx.register_custom_op_symbolic("aten::mish", _mish_symbolic, ONNX_OPSET)
+    try:
+        torch.onnx.export(torch.nn.Mish(), (x,), str(tmp_path / "mish.onnx"), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["x"])
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::mish", ONNX_OPSET)
+    got = ort.InferenceSession(str(tmp_path / "mish.onnx")).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, torch.nn.functional.mish(x).numpy(), rtol=1e-6, atol=1e-7, equal_nan=True)

@@ -260,16 +260,35 @@ def _write(fmt: str, traced, example, meta: dict[str, Any], path: str) -> None:
         torch.jit.save(front, path, _extra_files={TS_EXTRA: json.dumps(meta)})
 
 
+def _mish_symbolic(g, x):
+    """ONNX lowering of ``aten::mish``: ``x · n / (n + 2)`` with ``n = eᵐ(eᵐ + 2)``, ``m = min(x, 20)``; this is
+    ``x · tanh(softplus(x))`` (tanh(ln(1 + eˣ)) = n / (n + 2)), and the ratio is 1 in float32 from x = 20 on, where the
+    clamp keeps eˣ from overflowing.
+
+    The exporter's own lowering, ``x · Tanh(Softplus(x))``, is exact too, but onnxruntime's CPU Softplus kernel is
+    not vectorised: 3.0 ms per 256 × 1024 activations against 0.24 ms for this form (one thread); it took two thirds
+    of a 256-candidate decision. Same values within 4e-7 (relative) of ``torch.nn.functional.mish``.
+    """
+    two = g.op("Constant", value_t=torch.tensor(2.0))
+    e = g.op("Exp", g.op("Min", x, g.op("Constant", value_t=torch.tensor(20.0))))
+    n = g.op("Mul", e, g.op("Add", e, two))
+    return g.op("Mul", x, g.op("Div", n, g.op("Add", n, two)))
+
+
 def _write_onnx(traced, example, meta: dict[str, Any], path: str) -> None:
     onnx = require_onnx("export to ONNX")
     from onnx import helper, numpy_helper
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice (see module doc)
-        torch.onnx.export(traced, example, path, dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["obs", "noise", "u"], output_names=["action"],
-                          dynamic_axes={"obs": {0: "batch"}, "noise": {1: "noise_batch"}, "u": {0: "u_batch"},
-                                        "action": {0: "batch"}})
+    torch.onnx.register_custom_op_symbolic("aten::mish", _mish_symbolic, ONNX_OPSET)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice (see module doc)
+            torch.onnx.export(traced, example, path, dynamo=False, opset_version=ONNX_OPSET,
+                              input_names=["obs", "noise", "u"], output_names=["action"],
+                              dynamic_axes={"obs": {0: "batch"}, "noise": {1: "noise_batch"}, "u": {0: "u_batch"},
+                                            "action": {0: "batch"}})
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::mish", ONNX_OPSET)
     model = onnx.load(path)
     graph = model.graph
     present = {i.name for i in graph.input}
