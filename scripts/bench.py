@@ -16,6 +16,8 @@ Everything is measured side by side in one process on one machine (CPU, fp32), s
    CD, CT; CD and CT share the consistency-model sampler), full-size nets with random weights, plus the critic.
 4. **Evaluation throughput**: env steps/s of ``idql_cm.eval.rollout.evaluate`` (10 HalfCheetah-v5 envs, an IDQL agent
    with 32 candidates, CT at NFE 1, episodes of 200 steps), policy time included.
+5. **Exported agent** (key ``export``, ``scripts/bench_export.py``): ms per decision of onnxruntime, TorchScript and
+   the eager ``load_agent`` for 1 and 50 states × 256 candidates at NFE 1, 2, 4.
 
 ``--quick`` runs tiny sizes (seconds; the CI smoke test, not a measurement); ``--only train,sampler`` runs a subset.
 Diagnostics (print, write no results): ``--ablate iql,edm`` times Lightning's own floor (a near-empty module), the
@@ -1039,8 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
-    p.add_argument("--only", default="train,sampler,action,eval",
-                   help="comma-separated subset of train,sampler,action,eval")
+    p.add_argument("--only", default="train,sampler,action,eval,export",
+                   help="comma-separated subset of train,sampler,action,eval,export")
     p.add_argument("--kinds", default=",".join(KINDS), help="training modules to bench (iql,edm,ct,cd)")
     p.add_argument("--rounds", type=int, default=None, help="with --ablate: interleaved rounds per variant")
     p.add_argument("--groups", type=int, default=None,
@@ -1121,6 +1123,11 @@ def main(argv: list[str] | None = None) -> int:
             log("evaluation throughput:")
             res["eval"] = bench_eval(settings, log)
             res["eval_env_steps_per_s"] = res["eval"]["env_steps_per_s"]
+        if "export" in only:  # self-contained: scripts/bench_export.py
+            import bench_export
+
+            log("exported agent (onnxruntime / TorchScript / eager load_agent, ms per decision):")
+            res["export"] = bench_export.bench_export(bench_export.QUICK if args.quick else bench_export.FULL, work, log)
         try:
             res["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:
@@ -1132,6 +1139,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(res, indent=2) + "\n")
     print()
     print(table(res))
+    if "export" in res:
+        import bench_export
+
+        print("\n" + "\n".join(bench_export.table_lines(res["export"])))
     print(f"\nwrote {out} ({res['total_seconds']:.0f} s)")
     return 0
 

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Benchmark of the exported agent (``make bench`` key ``export``): ms per decision, raw observations in, actions out.
+
+For 1 state and 50 states, each with 256 candidates, at NFE 1, 2 and 4: onnxruntime (CPU) on the exported ONNX
+file, the exported TorchScript module, and the eager ``load_agent(...).act``, side by side in one process. The
+checkpoints are real (the full-size CT and IQL configs of ``configs/halfcheetah-medium-v2`` trained for 2 steps on a
+synthetic HalfCheetah-shaped file: the weights do not matter for speed, the architecture does). The three runtimes
+are timed in interleaved rounds (the machine is shared; its slow spells then hit all three), and the median over
+all calls is reported.
+
+    .venv/bin/python scripts/bench_export.py [--quick] [--out FILE]     # alone
+    make bench                                                          # as part of scripts/bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+NFES = (1, 2, 4)
+# rounds x runtimes x NFEs blocks per batch size, each >= min_calls calls and >= min_seconds: ~1.5 min on 2 quiet cores
+FULL = {"configs": "halfcheetah-medium-v2", "candidates": 256, "batches": (1, 50), "rounds": 3, "min_calls": 2,
+        "min_seconds": 0.5, "kind": "ct"}
+QUICK = {**FULL, "configs": "demo", "candidates": 16, "batches": (1, 4), "rounds": 1, "min_calls": 1,
+         "min_seconds": 0.0}
+RUNTIMES = ("onnxruntime", "torchscript", "eager")
+
+
+def make_checkpoints(work: Path, cfg: dict[str, Any]) -> tuple[str, str]:
+    """A CT (or ``cfg['kind']``) and an IQL checkpoint of the shipped configs, 2 training steps, via the CLI."""
+    from idql_cm.cli import main
+    from tests.cli_utils import CONFIGS, shrink_config
+    from tests.synth import write_d4rl_file
+
+    data = write_d4rl_file(work / "bench_export.hdf5", n_episodes=2, episode_len=100, obs_dim=17, act_dim=6,
+                           with_infos=False, env_id="HalfCheetah-v5")
+    out = []
+    for stage in ("iql", cfg["kind"]):
+        cfg_path = shrink_config(CONFIGS / cfg["configs"] / f"{stage}.yaml", work / f"{stage}.yaml", work / stage,
+                                 str(data), steps=2, keep_eval=False)
+        if main(["fit", "--config", str(cfg_path), "--trainer.logger", "false"]) != 0:
+            raise RuntimeError(f"bench_export: training {cfg_path} failed")
+        out.append(str(work / stage / "checkpoints" / "last.ckpt"))
+    return out[1], out[0]
+
+
+def _time_calls(fn, x: np.ndarray, min_calls: int, min_seconds: float) -> list[float]:
+    """Seconds per ``fn(x)``: at least ``min_calls`` calls and ``min_seconds`` in all (one block of a round)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_export(cfg: dict[str, Any] | None = None, work: str | None = None, log=print) -> dict[str, Any]:
+    """Measure; returns the ``export`` record of ``benchmarks/results.json``."""
+    import onnxruntime as ort
+
+    from idql_cm import load_agent
+    from idql_cm.export.exporter import export_agent
+
+    cfg = dict(cfg or FULL)
+    with tempfile.TemporaryDirectory(prefix="idql_bench_export_", dir=work) as tmp:
+        tmp = Path(tmp)
+        actor, critic = make_checkpoints(tmp, cfg)
+        n = cfg["candidates"]
+        agent = load_agent(actor, critic, num_candidates=n, temperature=100.0, device="cpu")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        runners, export_s = {}, {}
+        for nfe in NFES:
+            t0 = time.perf_counter()
+            onnx_path, ts_path = tmp / f"nfe{nfe}.onnx", tmp / f"nfe{nfe}.pt"
+            export_agent(actor, critic, str(onnx_path), nfe=nfe, candidates=n, temperature=100.0)
+            export_agent(actor, critic, str(ts_path), nfe=nfe, candidates=n, temperature=100.0)
+            export_s[f"nfe{nfe}"] = (time.perf_counter() - t0) / 2
+            sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+            ts = torch.jit.load(str(ts_path)).eval()
+            runners[nfe] = {
+                "onnxruntime": lambda x, s=sess: s.run(["action"], {"obs": x})[0],
+                "torchscript": lambda x, m=ts: _ts_call(m, x),
+                "eager": lambda x, k=nfe: agent.act(x, nfe=k),
+            }
+        rng = np.random.default_rng(0)
+        mean, std = agent.actor.obs_mean.numpy(), agent.actor.obs_std.numpy()
+        ms: dict[str, Any] = {}
+        for b in cfg["batches"]:
+            obs = (mean + std * rng.standard_normal((b, agent.obs_dim))).astype(np.float32)
+            rows: dict[str, Any] = {}
+            for nfe in NFES:
+                run, calls = runners[nfe], {r: [] for r in RUNTIMES}
+                for r in RUNTIMES:  # warm-up (ORT's first run plans its memory; TorchScript's profiles the graph)
+                    _time_calls(run[r], obs, 3, 0.0)
+                for _ in range(cfg["rounds"]):
+                    for r in RUNTIMES:
+                        calls[r] += _time_calls(run[r], obs, cfg["min_calls"], cfg["min_seconds"])
+                rows[f"nfe{nfe}"] = {r: 1e3 * statistics.median(calls[r]) for r in RUNTIMES}
+                rows[f"nfe{nfe}"]["onnxruntime_speedup_vs_eager"] = (rows[f"nfe{nfe}"]["eager"]
+                                                                     / rows[f"nfe{nfe}"]["onnxruntime"])
+                o = rows[f"nfe{nfe}"]
+                log(f"  {b:3d} state(s) x {n} candidates, NFE {nfe}: onnxruntime {o['onnxruntime']:7.2f} ms  "
+                    f"TorchScript {o['torchscript']:7.2f} ms  eager {o['eager']:7.2f} ms  "
+                    f"(onnxruntime {o['onnxruntime_speedup_vs_eager']:.2f}x faster than eager)")
+            ms[f"b{b}"] = rows
+    return {
+        "ms_per_decision": ms,
+        "export_seconds": export_s,
+        "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                     "temperature": 100.0, "selection": "softmax",
+                     "nets": f"configs/{cfg['configs']}/{{{cfg['kind']},iql}}.yaml (2 training steps)",
+                     "eager": "load_agent(...).act(obs_numpy, nfe): NumPy in and out, inference mode",
+                     "onnxruntime_call": "InferenceSession.run(['action'], {'obs': obs}): draws its own noise and u",
+                     "torchscript_call": "torch.jit.load(file)(torch.from_numpy(obs)).numpy(), inference mode",
+                     "onnxruntime": ort.__version__, "onnxruntime_threads": "default (intra-op: physical cores)",
+                     "torch_threads": torch.get_num_threads()},
+    }
+
+
+def _ts_call(module, obs: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return module(torch.from_numpy(obs)).numpy()
+
+
+def table_lines(res: dict[str, Any]) -> list[str]:
+    """Markdown rows of the ``export`` record (used by scripts/bench.py's summary table)."""
+    s = res["settings"]
+    lines = [f"| exported agent, {s['candidates']} candidates (ms/decision) | NFE | onnxruntime | TorchScript | "
+             "eager load_agent | onnxruntime speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for b, rows in res["ms_per_decision"].items():
+        for nfe in NFES:
+            o = rows[f"nfe{nfe}"]
+            lines.append(f"| {b[1:]} state(s) | {nfe} | {o['onnxruntime']:.2f} | {o['torchscript']:.2f} | "
+                         f"{o['eager']:.2f} | {o['onnxruntime_speedup_vs_eager']:.2f}× |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
+    p.add_argument("--out", default=None, help="write the record as JSON here (make bench writes it into "
+                                               "benchmarks/results.json under 'export')")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    res = bench_export(QUICK if args.quick else FULL)
+    print("\n".join(table_lines(res)))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    sys.exit(main())
