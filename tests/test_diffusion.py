@@ -18,6 +18,8 @@ from idql_cm.diffusion import (
     karras_sigmas,
     lognormal_index_probs,
     pseudo_huber,
+    sampling_sigmas,
+    snap_to_grid,
 )
 from idql_cm.errors import ConfigError
 from idql_cm.nets import IDQLMlp
@@ -207,6 +209,40 @@ def test_cm_sampler_evaluation_count_and_renoise_levels(nfe, seen):
     assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
 
 
+# The 18-interval CD grid (reference-spec §2.4): NFE 4's Karras levels 17.53 and 0.170 are not on it, 2.515 is.
+@pytest.mark.parametrize(
+    "nfe, seen",
+    [(1, [80.0]), (2, [80.0, 2.51522]), (3, [80.0, 9.7232, 0.46998]), (4, [80.0, 21.10868, 2.51522, 0.24238])],
+)
+def test_cm_sampler_renoises_on_the_training_grid(nfe, seen):
+    """With its training grid, a consistency model is only evaluated at σ it was trained on (each Karras level
+    moved to the nearest grid point in log σ: 17.53 → 21.11, 0.170 → 0.242), with exactly nfe evaluations."""
+    cm = ConsistencyModel(CountingNet(small_net())).eval()
+    grid = karras_sigmas(18)
+    cm_sample(cm, torch.randn(5, OBS), nfe, generator=torch.Generator().manual_seed(0), train_grid=grid)
+    assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
+    on_grid = [min(abs(s - float(g)) / s for g in grid) for s in cm.net.sigmas]
+    assert max(on_grid) < 1e-6
+    assert sampling_sigmas(cm, nfe, grid).tolist() == pytest.approx(sorted([0.002] + seen), rel=1e-5)
+    # a fine grid (CT's last curriculum grid) keeps the Karras levels almost exactly
+    fine = sampling_sigmas(cm, 4, karras_sigmas(1280))
+    assert fine.tolist() == pytest.approx([0.002, 0.16975, 2.51522, 17.52783, 80.0], rel=2e-3)
+
+
+def test_cm_sampler_refuses_more_levels_than_the_training_grid_has():
+    cm = ConsistencyModel(small_net()).eval()
+    sampling_sigmas(cm, 4, karras_sigmas(4))  # exactly the grid
+    with pytest.raises(ConfigError, match="nfe ≤ 4 distinct levels of the 4-interval training grid, found nfe=6"):
+        sampling_sigmas(cm, 6, karras_sigmas(4))
+
+
+def test_snap_to_grid_is_nearest_in_log_sigma():
+    grid = torch.tensor([0.1, 1.0, 10.0])
+    # by ratio: 3.0 is ×3 from 1.0 and ×3.3 from 10; 0.35 is ×2.9 from 1.0 and ×3.5 from 0.1; 0.3 is ×3 from 0.1
+    levels = torch.tensor([3.0, 0.35, 0.3, 9.0])
+    assert snap_to_grid(levels, grid).tolist() == pytest.approx([1.0, 1.0, 0.1, 10.0])
+
+
 def test_sampling_is_reproducible_with_a_generator():
     edm = EDMDenoiser(small_net()).eval()
     obs = torch.randn(4, OBS)
@@ -301,15 +337,15 @@ def test_cd_accepts_compatible_teacher_and_state_dict_shapes_are_compared():
         check_teacher_compatible(model, teacher)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_cd_loss_by_hand(solver):
+@pytest.mark.parametrize("solver, weighting", [("euler", "inverse_delta"), ("heun", "inverse_delta"),
+                                               ("heun", "uniform")])
+def test_cd_loss_by_hand(solver, weighting):
     model, teacher = _cd_setup()
     target = ConsistencyModel(small_net(dropout=0.0)).requires_grad_(False)
     sigmas = karras_sigmas(18)
     x0, obs = torch.rand(8, ACT) * 2 - 1, torch.randn(8, OBS)
-    loss = cd_loss(
-        model, target, teacher, x0, obs, sigmas, solver=solver, generator=torch.Generator().manual_seed(3)
-    )
+    loss = cd_loss(model, target, teacher, x0, obs, sigmas, solver=solver, generator=torch.Generator().manual_seed(3),
+                   weighting=weighting)
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 18, (8,), generator=g)
     t_n, t_m = sigmas[idx][:, None], sigmas[idx + 1][:, None]
@@ -320,7 +356,8 @@ def test_cd_loss_by_hand(solver):
         if solver == "heun":
             x_n = x_m + (t_n - t_m) * (d + (x_n - teacher(x_n, t_n[:, 0], obs)) / t_n) / 2
         f_target = target(x_n, t_n[:, 0], obs)
-    expected = ((model(x_m, t_m[:, 0], obs) - f_target) ** 2 / (t_m - t_n)).mean()
+    weight = 1 / (t_m - t_n) if weighting == "inverse_delta" else torch.ones_like(t_m)
+    expected = (weight * (model(x_m, t_m[:, 0], obs) - f_target) ** 2).mean()
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert model.net.inp.weight.grad is not None and teacher.net.inp.weight.grad is None

@@ -12,9 +12,10 @@ from idql_cm.diffusion.consistency import (
     lognormal_index_probs,
     pseudo_huber,
     sample_consistency,
+    sampling_sigmas,
 )
 from idql_cm.diffusion.edm import EDMDenoiser, Preconditioned, edm_sample, ode_step, sample_euler, sample_heun
-from idql_cm.diffusion.schedules import karras_sigmas
+from idql_cm.diffusion.schedules import karras_sigmas, snap_to_grid
 
 __all__ = [
     "ConsistencyModel",
@@ -34,4 +35,6 @@ __all__ = [
     "sample_consistency",
     "sample_euler",
     "sample_heun",
+    "sampling_sigmas",
+    "snap_to_grid",
 ]

@@ -16,3 +16,13 @@ def karras_sigmas(
     ramp = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64, device=device)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return ((lo + ramp * (hi - lo)) ** rho).float()
+
+
+def snap_to_grid(levels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Each of ``levels`` replaced by the point of ``grid`` nearest to it in log σ (same order, same length).
+
+    A consistency model trained on a fixed grid (CD: 18 intervals) has only seen those σ: its time embedding (Fourier
+    scale 16) is not trained between them, so sampling must re-noise on grid points (docs/quality.md measures it).
+    """
+    dist = (levels.double().log()[:, None] - grid.double().log()[None, :]).abs()
+    return grid[dist.argmin(dim=1)]

@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from idql_cm.diffusion.consistency import ConsistencyModel, cm_sample
 from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
+from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError
 from idql_cm.modules.common import FORMAT_VERSION
 from idql_cm.nets.critics import TwinQ, ValueNet
@@ -180,6 +181,7 @@ class Actor:
     task: str | None = None
     solver: str = "euler"
     sample_sigma_max: float | None = None
+    train_grid: torch.Tensor | None = None  # consistency models: re-noise on these σ (see cm_sample)
 
     @property
     def obs_dim(self) -> int:
@@ -196,7 +198,7 @@ class Actor:
         if self.kind == "edm":
             return edm_sample(self.model, obs_n, nfe, solver=self.solver, generator=generator,
                               sigma_max=self.sample_sigma_max)
-        return cm_sample(self.model, obs_n, nfe, generator=generator)
+        return cm_sample(self.model, obs_n, nfe, generator=generator, train_grid=self.train_grid)
 
 
 @dataclass
@@ -217,8 +219,25 @@ class Critic:
 
     @torch.inference_mode()
     def advantage(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
-        return (self.q_target(obs_n, act) - self.v(obs_n)).squeeze(-1)
+        """``[B]`` float32, computed in fp32 even inside an autocast region (see IQLModule.loss_step: selection
+        ranks advantage differences that bf16 cannot represent at Q ≈ 90)."""
+        with torch.autocast(self.obs_mean.device.type, enabled=False):
+            obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
+            act = act.to(obs_n.device, torch.float32)
+            return (self.q_target(obs_n, act) - self.v(obs_n)).squeeze(-1)
+
+
+def sampling_options(meta: dict[str, Any], device=None) -> dict[str, Any]:
+    """How a checkpoint's policy samples, from its payload (one rule for ``load_policy`` and the training module's
+    ``eval_actor``): the EDM solver and start, and a consistency model's training grid when it re-noises on it."""
+    intervals = meta.get("train_intervals")
+    grid = None
+    if meta.get("renoise") == "train_grid" and intervals:
+        m = meta["method"]
+        grid = karras_sigmas(int(intervals), m["sigma_min"], m["sigma_max"], m["rho"], device=device)
+    edm = meta.get("kind") == "edm"
+    return {"solver": meta.get("solver", "euler") if edm else "euler",
+            "sample_sigma_max": meta.get("sample_sigma_max") if edm else None, "train_grid": grid}
 
 
 def _device(device) -> torch.device:
@@ -248,8 +267,7 @@ def load_policy(path: str, device=None) -> Actor:
     norm = meta["normalizer"]
     return Actor(kind=meta["kind"], model=model, obs_mean=torch.tensor(norm["mean"], device=dev),
                  obs_std=torch.tensor(norm["std"], device=dev), act_dim=int(meta["act_dim"]),
-                 env_id=meta.get("env_id"), task=meta.get("dataset"), solver=meta.get("solver", "euler"),
-                 sample_sigma_max=meta.get("sample_sigma_max"))
+                 env_id=meta.get("env_id"), task=meta.get("dataset"), **sampling_options(meta, dev))
 
 
 def load_critic(path: str, device=None, what: str = "critic checkpoint") -> Critic:

@@ -1,0 +1,94 @@
+"""CT / CD modules: CD's target network and evaluation EMA, and the σ-grid a consistency checkpoint samples on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idql_cm.cli import main
+from idql_cm.diffusion import karras_sigmas
+from idql_cm.nets.ema import EMAWarmup
+from tests.cli_utils import CONFIGS, shrink_config
+from tests.synth import write_d4rl_file
+
+SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def data_and_teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cm")
+    dataset = str(write_d4rl_file(tmp / "d.hdf5", n_episodes=3, episode_len=100, obs_dim=17, act_dim=6))
+    cfg = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp / "edm.yaml", tmp / "edm", dataset, steps=3,
+                        model_args=SMALL_NET, keep_eval=False)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    return dataset, tmp / "edm" / "checkpoints" / "last.ckpt"
+
+
+def _fit(stage: str, tmp_path, dataset: str, steps: int, name: str, **model_args) -> dict:
+    cfg = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", tmp_path / f"{name}.yaml", tmp_path / name, dataset,
+                        steps=steps, model_args={"fused_steps": 1, **model_args}, keep_eval=False)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_cd_target_follows_the_online_weights_and_the_policy_ema_restarts(data_and_teacher, tmp_path, mu):
+    """The consistency loss's target θ⁻ ← μ·θ⁻ + (1 − μ)·θ starts from the teacher's online weights; the policy
+    EMA is a separate network with the warm-up, so at update 0 it copies the online weights (the teacher's EMA, a
+    denoiser, is not averaged into the policy)."""
+    dataset, teacher = data_and_teacher
+    teacher_state = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
+    runs = {k: _fit("cd", tmp_path, dataset, k, f"cd{k}", teacher_ckpt=str(teacher), target_ema=mu)["state_dict"]
+            for k in (1, 2)}
+    online = {k: _part(runs[k], "model.") for k in runs}
+    target = {k: _part(runs[k], "target_model.") for k in runs}
+    ema = {k: _part(runs[k], "ema_model.") for k in runs}
+    start = _part(teacher_state, "model.")  # CD starts from the teacher's online weights
+    decay1 = EMAWarmup(power=2 / 3, max_value=0.999).decay(1)
+    assert online[1].keys() == target[1].keys() == ema[1].keys()
+    for key in online[1]:
+        if key.endswith("freqs"):  # a fixed buffer, copied
+            continue
+        torch.testing.assert_close(target[1][key], mu * start[key] + (1 - mu) * online[1][key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(target[2][key], mu * target[1][key] + (1 - mu) * online[2][key], atol=1e-6,
+                                   rtol=0)
+        assert torch.equal(ema[1][key], online[1][key]), key
+        torch.testing.assert_close(ema[2][key], decay1 * ema[1][key] + (1 - decay1) * online[2][key], atol=1e-6,
+                                   rtol=0)
+    assert not torch.equal(online[1]["net.inp.weight"], start["net.inp.weight"])  # it trained
+
+
+def test_cd_single_ema_is_the_reference_layout(data_and_teacher, tmp_path):
+    """``target_ema: null``: no separate target; ``ema_warmup: false``: the EMA starts from the teacher's EMA at a
+    constant rate (the reference's CD, kept for parity runs)."""
+    dataset, teacher = data_and_teacher
+    teacher_ema = _part(torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"], "ema_model.")
+    state = _fit("cd", tmp_path, dataset, 1, "ref", teacher_ckpt=str(teacher), target_ema=None,
+                 ema_warmup=False)["state_dict"]
+    assert not _part(state, "target_model.")
+    online, ema = _part(state, "model."), _part(state, "ema_model.")
+    for key in ("net.inp.weight", "net.out.1.bias"):
+        torch.testing.assert_close(ema[key], 0.999 * teacher_ema[key] + 0.001 * online[key], atol=1e-6, rtol=0)
+
+
+def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher, tmp_path):
+    """A CD checkpoint records its 18-interval grid and a CT one its last curriculum grid; ``load_policy`` and the
+    training module's ``eval_actor`` re-noise on it (``renoise: karras`` turns it off)."""
+    from idql_cm.modules.artifacts import load_policy
+
+    dataset, teacher = data_and_teacher
+    cd = _fit("cd", tmp_path, dataset, 2, "cdg", teacher_ckpt=str(teacher))
+    assert cd["idql_cm"]["renoise"] == "train_grid" and cd["idql_cm"]["train_intervals"] == 18
+    torch.testing.assert_close(load_policy(str(tmp_path / "cdg" / "checkpoints" / "last.ckpt"), "cpu").train_grid,
+                               karras_sigmas(18))
+    ct = _fit("ct", tmp_path, dataset, 4, "ctg", **SMALL_NET, total_steps=4, s0=2, s1=8)
+    # K' = ⌊4 / (log2(8/2) + 1)⌋ = 1, so the last update (k = 3) used N = min(2·2³, 8) = 8 intervals
+    assert ct["idql_cm"]["train_intervals"] == 8
+    off = _fit("cd", tmp_path, dataset, 1, "cdk", teacher_ckpt=str(teacher), renoise="karras")
+    assert load_policy(str(tmp_path / "cdk" / "checkpoints" / "last.ckpt"), "cpu").train_grid is None
+    assert off["idql_cm"]["renoise"] == "karras"
+
