@@ -70,67 +70,89 @@ def _time_calls(fn, x: np.ndarray, min_calls: int, min_seconds: float) -> list[f
     return times
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def bench_export(cfg: dict[str, Any] | None = None, work: str | None = None, log=print) -> dict[str, Any]:
-    """Measure; returns the ``export`` record of ``benchmarks/results.json``."""
+    """Measure; returns the ``export`` record of ``benchmarks/results.json``.
+
+    ``ms_per_decision``: ``b1`` and ``b50`` (states per call) with each runtime's default threads (torch:
+    ``torch.get_num_threads()``, onnxruntime: one per physical core), and ``b1_1thread`` with one thread each: on
+    a busy 2-core host the multi-threaded figures swing with the other load (threads wait on each other), the
+    one-thread figures much less."""
     import onnxruntime as ort
 
     from idql_cm import load_agent
     from idql_cm.export.exporter import export_agent
 
     cfg = dict(cfg or FULL)
+    load_start = _loadavg()
+    default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="idql_bench_export_", dir=work) as tmp:
         tmp = Path(tmp)
         actor, critic = make_checkpoints(tmp, cfg)
         n = cfg["candidates"]
         agent = load_agent(actor, critic, num_candidates=n, temperature=100.0, device="cpu")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        runners, export_s = {}, {}
+        files, export_s = {}, {}
         for nfe in NFES:
             t0 = time.perf_counter()
-            onnx_path, ts_path = tmp / f"nfe{nfe}.onnx", tmp / f"nfe{nfe}.pt"
-            export_agent(actor, critic, str(onnx_path), nfe=nfe, candidates=n, temperature=100.0)
-            export_agent(actor, critic, str(ts_path), nfe=nfe, candidates=n, temperature=100.0)
+            files[nfe] = (tmp / f"nfe{nfe}.onnx", tmp / f"nfe{nfe}.pt")
+            for path in files[nfe]:
+                export_agent(actor, critic, str(path), nfe=nfe, candidates=n, temperature=100.0)
             export_s[f"nfe{nfe}"] = (time.perf_counter() - t0) / 2
-            sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-            ts = torch.jit.load(str(ts_path)).eval()
-            runners[nfe] = {
-                "onnxruntime": lambda x, s=sess: s.run(["action"], {"obs": x})[0],
-                "torchscript": lambda x, m=ts: _ts_call(m, x),
-                "eager": lambda x, k=nfe: agent.act(x, nfe=k),
-            }
+
+        def runners(nfe: int, threads: int | None):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = threads
+            sess = ort.InferenceSession(str(files[nfe][0]), opts, providers=["CPUExecutionProvider"])
+            ts = torch.jit.load(str(files[nfe][1])).eval()
+            return {"onnxruntime": lambda x: sess.run(["action"], {"obs": x})[0],
+                    "torchscript": lambda x: _ts_call(ts, x),
+                    "eager": lambda x: agent.act(x, nfe=nfe)}
+
         rng = np.random.default_rng(0)
         mean, std = agent.actor.obs_mean.numpy(), agent.actor.obs_std.numpy()
+        settings = [(f"b{b}", b, None) for b in cfg["batches"]] + [(f"b{cfg['batches'][0]}_1thread",
+                                                                    cfg["batches"][0], 1)]
         ms: dict[str, Any] = {}
-        for b in cfg["batches"]:
+        for label, b, threads in settings:
+            torch.set_num_threads(threads or default_threads)
             obs = (mean + std * rng.standard_normal((b, agent.obs_dim))).astype(np.float32)
             rows: dict[str, Any] = {}
             for nfe in NFES:
-                run, calls = runners[nfe], {r: [] for r in RUNTIMES}
+                run, calls = runners(nfe, threads), {r: [] for r in RUNTIMES}
                 for r in RUNTIMES:  # warm-up (ORT's first run plans its memory; TorchScript's profiles the graph)
                     _time_calls(run[r], obs, 3, 0.0)
                 for _ in range(cfg["rounds"]):
                     for r in RUNTIMES:
                         calls[r] += _time_calls(run[r], obs, cfg["min_calls"], cfg["min_seconds"])
-                rows[f"nfe{nfe}"] = {r: 1e3 * statistics.median(calls[r]) for r in RUNTIMES}
-                rows[f"nfe{nfe}"]["onnxruntime_speedup_vs_eager"] = (rows[f"nfe{nfe}"]["eager"]
-                                                                     / rows[f"nfe{nfe}"]["onnxruntime"])
-                o = rows[f"nfe{nfe}"]
-                log(f"  {b:3d} state(s) x {n} candidates, NFE {nfe}: onnxruntime {o['onnxruntime']:7.2f} ms  "
-                    f"TorchScript {o['torchscript']:7.2f} ms  eager {o['eager']:7.2f} ms  "
-                    f"(onnxruntime {o['onnxruntime_speedup_vs_eager']:.2f}x faster than eager)")
-            ms[f"b{b}"] = rows
+                o = {r: 1e3 * statistics.median(calls[r]) for r in RUNTIMES}
+                o["onnxruntime_speedup_vs_eager"] = o["eager"] / o["onnxruntime"]
+                rows[f"nfe{nfe}"] = o
+                log(f"  {b:3d} state(s) x {n} candidates, NFE {nfe}, {threads or 'default'} thread(s): onnxruntime "
+                    f"{o['onnxruntime']:7.2f} ms  TorchScript {o['torchscript']:7.2f} ms  eager {o['eager']:7.2f} ms"
+                    f"  (onnxruntime {o['onnxruntime_speedup_vs_eager']:.2f}x faster than eager)")
+            ms[label] = rows
+        torch.set_num_threads(default_threads)
     return {
         "ms_per_decision": ms,
         "export_seconds": export_s,
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
         "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                      "temperature": 100.0, "selection": "softmax",
                      "nets": f"configs/{cfg['configs']}/{{{cfg['kind']},iql}}.yaml (2 training steps)",
                      "eager": "load_agent(...).act(obs_numpy, nfe): NumPy in and out, inference mode",
                      "onnxruntime_call": "InferenceSession.run(['action'], {'obs': obs}): draws its own noise and u",
                      "torchscript_call": "torch.jit.load(file)(torch.from_numpy(obs)).numpy(), inference mode",
-                     "onnxruntime": ort.__version__, "onnxruntime_threads": "default (intra-op: physical cores)",
-                     "torch_threads": torch.get_num_threads()},
+                     "onnxruntime": ort.__version__, "torch": torch.__version__,
+                     "threads_default": {"torch": default_threads, "onnxruntime": "one per physical core"}},
     }
 
 
@@ -144,11 +166,12 @@ def table_lines(res: dict[str, Any]) -> list[str]:
     s = res["settings"]
     lines = [f"| exported agent, {s['candidates']} candidates (ms/decision) | NFE | onnxruntime | TorchScript | "
              "eager load_agent | onnxruntime speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for b, rows in res["ms_per_decision"].items():
+    for label, rows in res["ms_per_decision"].items():
+        states, _, one = label[1:].partition("_")
         for nfe in NFES:
             o = rows[f"nfe{nfe}"]
-            lines.append(f"| {b[1:]} state(s) | {nfe} | {o['onnxruntime']:.2f} | {o['torchscript']:.2f} | "
-                         f"{o['eager']:.2f} | {o['onnxruntime_speedup_vs_eager']:.2f}× |")
+            lines.append(f"| {states} state(s){', 1 thread' if one else ''} | {nfe} | {o['onnxruntime']:.2f} | "
+                         f"{o['torchscript']:.2f} | {o['eager']:.2f} | {o['onnxruntime_speedup_vs_eager']:.2f}× |")
     return lines
 
 
