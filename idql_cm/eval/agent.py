@@ -153,10 +153,7 @@ def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generato
     obs_n = (obs.to(actor.obs_mean.device, torch.float32) - actor.obs_mean) / actor.obs_std
     if actor.kind == "edm":
         return edm_sample(model, obs_n, nfe, solver=actor.solver, sigma_max=actor.sample_sigma_max, noise=noise)
-    # a consistency model that re-noises on its training grid carries it (modules.artifacts.sampling_options);
-    # passed only when set, so that this also runs against a cm_sample without the option
-    grid = getattr(actor, "train_grid", None)
-    return cm_sample(model, obs_n, nfe, noise=noise, **({} if grid is None else {"train_grid": grid}))
+    return cm_sample(model, obs_n, nfe, noise=noise, train_grid=actor.train_grid)
 
 
 class ActorPolicy:
