@@ -388,3 +388,36 @@ def test_given_noise_replays_the_generator_draws(nfe):
         assert not torch.equal(cm_sample(cm, obs, nfe, noise=noise), cm_sample(cm, obs, nfe, noise=other))
     with pytest.raises(ConfigError, match=rf"expected shape \[{nfe}, 6, {ACT}\].*found \[{nfe}, 6, {ACT + 1}\]"):
         cm_sample(cm, obs, nfe, noise=torch.zeros(nfe, 6, ACT + 1))
+
+
+class OvershootNet(torch.nn.Module):
+    """F = w (a learnable constant, 100): every output lies far beyond the action bound."""
+
+    act_dim = ACT
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((ACT,), 100.0))
+
+    def forward(self, x, c_noise, obs):
+        return self.w.expand_as(x)
+
+
+@pytest.mark.parametrize("loss", ["ct", "cd"])
+def test_student_beyond_the_bound_still_gets_a_gradient(loss):
+    """The reference clips the student's output in the loss: a coordinate that overshoots the bound gets a zero
+    gradient and never comes back (CT put the 'far' toy's samples on the box edge). Unclipped, it is pulled back."""
+    x0, obs, sigmas = torch.zeros(16, ACT), torch.randn(16, OBS), karras_sigmas(18)
+    grads = {}
+    for clip in (False, True):
+        model = ConsistencyModel(OvershootNet())
+        if loss == "ct":
+            out = ct_loss(model, x0, obs, sigmas, lognormal_index_probs(sigmas), clip_student=clip,
+                          generator=torch.Generator().manual_seed(0))[0]
+        else:
+            teacher = EDMDenoiser(ConstantNet())
+            out = cd_loss(model, model, teacher, x0, obs, sigmas, clip_student=clip,
+                          generator=torch.Generator().manual_seed(0))
+        out.backward()
+        grads[clip] = model.net.w.grad.abs().sum().item()
+    assert grads[True] == 0.0 and grads[False] > 0.0

@@ -380,7 +380,7 @@ def test_wrong_teacher(case, data, artefacts, tmp_path, capsys):
     ckpt = {"sizes": artefacts["edm_B"], "normaliser": artefacts["edm_C"], "kind": artefacts["iql_A"],
             "format": artefacts["format0"]}[case]
     needles = {"sizes": ["11/3", "17/6", data["B"], data["A"]], "normaliser": ["normalisers differ", data["C"], data["A"]],
-               "kind": ["expected a edm checkpoint", "'iql'"], "format": ["format 0", "format 1"]}[case]
+               "kind": ["expected a checkpoint of kind 'edm'", "'iql'"], "format": ["format 0", "format 1"]}[case]
     cfg = _config(tmp_path, "cd", "cd", data["A"])
     rc, err = _cli(capsys, "fit", "--config", cfg, "--model.init_args.teacher_ckpt", ckpt)
     _error_line(rc, err, "model.teacher_ckpt", ckpt, *needles)
@@ -392,7 +392,7 @@ def test_wrong_critic(case, data, artefacts, tmp_path, capsys):
     ckpt = {"sizes": artefacts["iql_B"], "normaliser": artefacts["iql_C"], "kind": artefacts["edm_A"],
             "format": artefacts["format0"], "missing": tmp_path / "iql" / "last.ckpt"}[case]
     needles = {"sizes": ["11/3", "17/6", data["B"], data["A"]], "normaliser": ["normalisers differ", data["C"], data["A"]],
-               "kind": ["expected a iql checkpoint", "'edm'"], "format": ["format 0", "format 1"],
+               "kind": ["expected a checkpoint of kind 'iql'", "'edm'"], "format": ["format 0", "format 1"],
                "missing": ["no IQL checkpoint", "train the IQL stage first"]}[case]
     cfg = _config(tmp_path, "edm", "edm", data["A"], eval_args={"critic_ckpt": str(ckpt)})
     rc, err = _cli(capsys, "fit", "--config", cfg)
@@ -405,7 +405,7 @@ def test_wrong_ckpt_path(case, data, artefacts, tmp_path, capsys):
     ckpt = {"sizes": artefacts["edm_B"], "normaliser": artefacts["edm_C"], "kind": artefacts["iql_A"],
             "format": artefacts["format0"]}[case]
     needles = {"sizes": ["11/3", "17/6", data["B"], data["A"]], "normaliser": ["normalisers differ", data["C"], data["A"]],
-               "kind": ["expected a edm checkpoint", "'iql'"], "format": ["format 0", "format 1"]}[case]
+               "kind": ["expected a checkpoint of kind 'edm'", "'iql'"], "format": ["format 0", "format 1"]}[case]
     cfg = _config(tmp_path, "edm", "edm", data["A"])
     rc, err = _cli(capsys, "fit", "--config", cfg, "--ckpt_path", ckpt)
     _error_line(rc, err, "--ckpt_path", ckpt, *needles)

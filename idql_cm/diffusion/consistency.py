@@ -110,7 +110,7 @@ def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | 
     # trained on; off CD's 18-interval grid (σ = 0.170 at nfe 4) its consistency function is untrained and NFE 4
     # fell to half the precision of NFE 2 (docs/quality.md). We re-noise on the training grid.
     inner = snap_to_grid(sigmas[1:-1], train_grid.to(sigmas))
-    if len(torch.unique(inner)) < len(inner):
+    if len(set(inner.tolist())) < len(inner):  # on Python floats: no data-dependent tensor op in a traced graph
         raise ConfigError(f"consistency sampling: expected nfe ≤ {len(train_grid) - 1} distinct levels of the "
                           f"{len(train_grid) - 1}-interval training grid, found nfe={nfe}")
     return torch.cat([sigmas[:1], inner, sigmas[-1:]])
@@ -149,6 +149,7 @@ def ct_loss(
     probs: torch.Tensor,
     c: float | None = None,
     generator: torch.Generator | None = None,
+    clip_student: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improved consistency training (iCT, Song & Dhariwal 2023, Algorithm 1 with eqs. 9–11).
 
@@ -156,6 +157,7 @@ def ct_loss(
     ``x_n = x0 + σ_n ε`` and ``x_m = x0 + σ_m ε``. Student f(x_m, σ_m) with gradient; teacher f(x_n, σ_n) is the same
     online model under no_grad (no EMA teacher in iCT). Returns ``(mean λ·d, mean d)`` with
     ``d = pseudo_huber(student, teacher, c)``, ``λ = 1/(σ_m − σ_n)``, ``c = 0.00054·√act_dim`` by default.
+    The teacher is clipped to the action bounds, the student only with ``clip_student`` (see :data:`CLIP_NOTE`).
     """
     # The reference applies pseudo-Huber elementwise with c = 0.01; we use iCT's vector form and c.
     c = 0.00054 * math.sqrt(x0.shape[-1]) if c is None else c
@@ -169,7 +171,7 @@ def ct_loss(
     # code does); the reference gives them independent masks.
     devices = [x0.device] if x0.device.type != "cpu" else []
     with torch.random.fork_rng(devices=devices, device_type=x0.device.type):
-        f_student = model(x_m, sigma_m, obs)
+        f_student = model(x_m, sigma_m, obs, clip=clip_student)
     with torch.no_grad():
         f_teacher = model(x_n, sigma_n, obs)
     d = pseudo_huber(f_student, f_teacher, c)
@@ -186,6 +188,7 @@ def cd_loss(
     solver: str = "heun",
     generator: torch.Generator | None = None,
     weighting: str = "inverse_delta",
+    clip_student: bool = False,
 ) -> torch.Tensor:
     """Consistency distillation (Song et al. 2023, Algorithm 2) on a fixed grid (``karras_sigmas(18)``).
 
@@ -193,6 +196,7 @@ def cd_loss(
     ``teacher`` (its EMA weights, x0-prediction not clipped) gives x_n; the target is ``target(x_n, t_n)`` under
     no_grad. Loss: mean over batch and dims of ``λ·(f(x_m, t_m) − f_target)²`` with ``λ = 1/(t_m − t_n)``
     (``weighting="inverse_delta"``, iCT's, the reference's) or ``λ = 1`` (``"uniform"``, the CD paper's).
+    The target is clipped to the action bounds, the student only with ``clip_student`` (see :data:`CLIP_NOTE`).
     Call ``check_teacher_compatible`` once before training.
     """
     if solver not in ("heun", "euler"):
@@ -206,7 +210,7 @@ def cd_loss(
         # Heun as in the CD paper; the reference takes one Euler step.
         x_n = ode_step(teacher, x_m, t_m, t_n, obs, heun=solver == "heun", clip=False)
         f_target = target(x_n, t_n, obs)
-    f_student = model(x_m, t_m, obs)
+    f_student = model(x_m, t_m, obs, clip=clip_student)
     sq = (f_student - f_target) ** 2
     if weighting == "uniform":
         return sq.mean()
@@ -214,6 +218,11 @@ def cd_loss(
 
 
 CD_WEIGHTINGS = ("inverse_delta", "uniform")
+
+#: Deliberate difference: the reference clips the student's output in the training losses too, so a coordinate
+#: that overshoots the action bound gets no gradient and stays there; with modes near the bound (the "far" toy,
+#: modes at ±0.85) CT put its samples on the box edge. We clip targets and samples, not the trained output.
+CLIP_NOTE = "the student's output is not clipped in training (zero gradient beyond the bound)"
 
 
 def check_teacher_compatible(model: ConsistencyModel, teacher: EDMDenoiser) -> None:

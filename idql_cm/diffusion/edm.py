@@ -173,11 +173,12 @@ def edm_sample(
     generator: torch.Generator | None = None,
     sigma_max: float | None = None,
     noise: torch.Tensor | None = None,
+    rho: float | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` for ``obs: [B, obs_dim]`` with exactly ``nfe`` network evaluations: Euler takes nfe
     steps on the Karras grid of nfe intervals, Heun (nfe + 1)/2 steps and refuses an even nfe. Starts from
     ``x = randn·σ_max`` drawn with ``generator`` when given. ``sigma_max`` overrides the model's σ_max for sampling
-    only (the grid then runs σ_min → sigma_max). ``noise``: ``[nfe, B, A]`` standard normals (the interface of
+    only (the grid then runs σ_min → sigma_max), ``rho`` the grid's ρ (None = the model's ρ = 7). ``noise``: ``[nfe, B, A]`` standard normals (the interface of
     ``cm_sample``); the ODE samplers are deterministic, so only ``noise[0]``, the initial draw, is used."""
     if solver not in ("euler", "heun"):
         raise ConfigError(f"EDM solver: expected 'euler' or 'heun', found {solver!r}")
@@ -192,5 +193,6 @@ def edm_sample(
     check_noise(noise, nfe, shape)
     x = (_randn(shape, obs, generator) if noise is None else noise[0]) * top
     sampler = sample_euler if solver == "euler" else sample_heun
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, top, denoiser.rho, device=obs.device)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, top, denoiser.rho if rho is None else float(rho),
+                           device=obs.device)
     return sampler(denoiser, x, sigmas, obs)

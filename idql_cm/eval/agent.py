@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from idql_cm.diffusion.consistency import cm_sample
-from idql_cm.diffusion.edm import edm_sample
 from idql_cm.errors import CheckpointError, ConfigError, DataError
 
 SELECTIONS = ("softmax", "argmax")
@@ -137,23 +135,14 @@ def select_candidates(adv: torch.Tensor, temperature: float = 100.0, selection: 
 
 def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
-    """``actor.sample(obs, nfe, generator)``, or with given sampler ``noise [nfe, B, act_dim]`` the same call of
-    the actor's sampler (``edm_sample`` / ``cm_sample``) with that noise.
-
-    ``Actor.sample`` (``idql_cm.modules.artifacts``) takes no noise, so the noise path repeats its two lines
-    (normalise, call the sampler with the checkpoint's sampling options); ``tests/test_export.py`` checks that both
-    paths draw the same actions from the same normals, so a change to ``Actor.sample`` that is not made here fails.
-    """
+    """``actor.sample(obs, nfe, generator)``, or with given sampler ``noise [nfe, B, act_dim]``
+    ``actor.sample(obs, nfe, noise=noise)`` (a checkpoint's policy, ``idql_cm.modules.artifacts.Actor``)."""
     if noise is None:
         return actor.sample(obs, nfe, generator=generator)
-    model = getattr(actor, "model", None)
-    if model is None:
+    if getattr(actor, "model", None) is None:
         raise ConfigError(f"sampler noise: {type(actor).__name__} samples with its own randomness; given noise "
                           f"needs a checkpoint's policy (idql_cm.load_actor / load_agent)")
-    obs_n = (obs.to(actor.obs_mean.device, torch.float32) - actor.obs_mean) / actor.obs_std
-    if actor.kind == "edm":
-        return edm_sample(model, obs_n, nfe, solver=actor.solver, sigma_max=actor.sample_sigma_max, noise=noise)
-    return cm_sample(model, obs_n, nfe, noise=noise, train_grid=actor.train_grid)
+    return actor.sample(obs, nfe, noise=noise)
 
 
 class ActorPolicy:

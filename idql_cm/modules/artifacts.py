@@ -49,8 +49,8 @@ def read_checkpoint(path: str, expect_kind: str | tuple[str, ...] | None = None,
                               f"format {FORMAT_VERSION}; retrain or use the idql-cm version that wrote it")
     kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
     if kinds and meta.get("kind") not in kinds:
-        raise CheckpointError(f"{what}: expected a {' or '.join(kinds)} checkpoint, {path} is a "
-                              f"'{meta.get('kind')}' checkpoint")
+        raise CheckpointError(f"{what}: expected a checkpoint of kind {' or '.join(repr(k) for k in kinds)}, "
+                              f"{path} is a '{meta.get('kind')}' checkpoint")
     return ckpt
 
 
@@ -181,6 +181,7 @@ class Actor:
     task: str | None = None
     solver: str = "euler"
     sample_sigma_max: float | None = None
+    sample_rho: float | None = None
     train_grid: torch.Tensor | None = None  # consistency models: re-noise on these σ (see cm_sample)
 
     @property
@@ -192,13 +193,15 @@ class Actor:
         return self.obs_mean.device
 
     @torch.inference_mode()
-    def sample(self, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``obs: [B, obs_dim]`` raw → ``act: [B, act_dim]`` with ``nfe`` network evaluations each."""
+    def sample(self, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``obs: [B, obs_dim]`` raw → ``act: [B, act_dim]`` with ``nfe`` network evaluations each; ``noise``: the
+        sampler's standard normals ``[nfe, B, act_dim]`` instead of draws from ``generator``."""
         obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
         if self.kind == "edm":
             return edm_sample(self.model, obs_n, nfe, solver=self.solver, generator=generator,
-                              sigma_max=self.sample_sigma_max)
-        return cm_sample(self.model, obs_n, nfe, generator=generator, train_grid=self.train_grid)
+                              sigma_max=self.sample_sigma_max, rho=self.sample_rho, noise=noise)
+        return cm_sample(self.model, obs_n, nfe, generator=generator, noise=noise, train_grid=self.train_grid)
 
 
 @dataclass
@@ -237,7 +240,8 @@ def sampling_options(meta: dict[str, Any], device=None) -> dict[str, Any]:
         grid = karras_sigmas(int(intervals), m["sigma_min"], m["sigma_max"], m["rho"], device=device)
     edm = meta.get("kind") == "edm"
     return {"solver": meta.get("solver", "euler") if edm else "euler",
-            "sample_sigma_max": meta.get("sample_sigma_max") if edm else None, "train_grid": grid}
+            "sample_sigma_max": meta.get("sample_sigma_max") if edm else None,
+            "sample_rho": meta.get("sample_rho") if edm else None, "train_grid": grid}
 
 
 def _device(device) -> torch.device:
