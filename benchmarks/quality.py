@@ -1,0 +1,434 @@
+"""``make quality``: generative-policy quality on data whose answer is known, through the user's commands.
+
+Two parts, each trained with the shipped demo configs (``configs/demo/{edm,ct,cd}.yaml``, run by ``idql-cm fit``)
+and sampled through ``load_actor`` / the RolloutEvaluation callback:
+
+* **toys** (:mod:`idql_cm.data.toys`): conditional 2-D mixtures with known modes. For EDM (Euler and Heun), CT and
+  CD at NFE 1/2/4 (Heun: 1/3, it cannot do an even NFE): precision (share of samples within 0.15 of a mode of
+  their condition), each mode's share against its true share, and the sliced Wasserstein-1 distance to fresh
+  samples of the truth (with the truth-against-truth floor beside it).
+* **medium-expert** (``idql-cm collect --behaviour medium-expert``): a HalfCheetah-v5 dataset built as D4RL builds
+  medium-expert, a strong and a weak scripted gait concatenated; IQL + EDM + CD + CT at demo size, IDQL scores at
+  NFE 1/2/4 beside the two behaviours' own scores.
+
+Every stage runs as its own ``idql-cm fit`` process with one intra-op thread, ``--jobs`` at a time (default 2, one
+per core of the project's machine), so a run's figures depend only on its seeds and the machine: the same seed gives
+the same table on the same machine and build. Writes ``benchmarks/quality.json`` and ``docs/quality.md``.
+
+    python -m benchmarks.quality                         # the whole benchmark (make quality)
+    python -m benchmarks.quality --part toys --toys far  # one part / one toy
+    python -m benchmarks.quality --set ct.model.init_args.fourier_scale=0.02 --label "CT scale 0.02"  # an ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo"
+TOY_STAGES = ("edm", "ct", "cd")
+ME_STAGES = ("iql", "edm", "ct", "cd")
+NFES = (1, 2, 4)
+HEUN_NFES = (1, 3)
+EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
+#: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
+PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("ct", 4), ("cd", 4))
+SAMPLES: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+PROGRESS_CLASS = "idql_cm.modules.callbacks.StepProgressBar"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    cur: Any = cfg
+    for p in parts[:-1]:
+        cur = cur[p] if isinstance(p, int) else cur.setdefault(p, {})
+    cur[parts[-1]] = value
+
+
+def stage_config(stage: str, dataset: Path, seed: int, overrides: dict[str, Any], evaluate: bool) -> dict:
+    """``configs/demo/<stage>.yaml`` pointed at ``dataset``; no progress bar (parallel jobs share the
+    terminal); without ``evaluate`` no rollout callback (a toy has no environment). ``overrides`` are
+    ``{"<stage>.<dotted key>" or "<dotted key>": value}``; ``eval.<arg>`` sets a RolloutEvaluation argument."""
+    cfg = yaml.safe_load((DEMO / f"{stage}.yaml").read_text())
+    cfg["seed_everything"] = seed
+    cfg["trainer"]["default_root_dir"] = ""  # fit_job sets the folder
+    cfg["trainer"]["enable_progress_bar"] = False
+    cbs = [cb for cb in cfg["trainer"].get("callbacks", []) if cb.get("class_path") != PROGRESS_CLASS]
+    if not evaluate:
+        cbs = [cb for cb in cbs if cb.get("class_path") != EVAL_CLASS]
+    cfg["trainer"]["callbacks"] = cbs
+    cfg["data"]["dataset"] = str(dataset)
+    if not evaluate:
+        cfg["data"]["reward_scale"] = "none"
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head in ME_STAGES:
+            if head != stage:
+                continue
+            key = rest
+        if key.startswith("eval."):
+            for cb in cbs:
+                if cb.get("class_path") == EVAL_CLASS:
+                    cb.setdefault("init_args", {})[key[5:]] = value
+        elif key.startswith("model.init_args.") and stage == "iql" and not head == "iql":
+            continue  # an actor setting given to every stage does not apply to the critic
+        else:
+            set_dotted(cfg, key, value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- job runner
+@dataclass
+class Job:
+    name: str
+    cmd: list[str]
+    log_path: Path
+    deps: tuple[str, ...] = ()
+    done: Path | None = None  # skip the job when this file exists (an earlier run of the same config finished)
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    t0: float = 0.0
+    seconds: float = 0.0
+
+
+def run_jobs(jobs: list[Job], max_jobs: int) -> dict[str, float]:
+    """Run ``jobs`` (each after its ``deps``), ``max_jobs`` at a time, each with one intra-op thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    pending, running, finished = list(jobs), [], {}
+    while pending or running:
+        for job in list(running):
+            rc = job.proc.poll()
+            if rc is None:
+                continue
+            running.remove(job)
+            job.seconds = time.time() - job.t0
+            if rc != 0:
+                for other in running:
+                    other.proc.kill()
+                tail = job.log_path.read_text().strip().splitlines()[-5:]
+                sys.exit(f"quality: {job.name} failed (exit {rc}); last lines of {job.log_path}:\n  " + "\n  ".join(tail))
+            finished[job.name] = job.seconds
+            log(f"[quality] {job.name}: done in {job.seconds:.0f} s")
+        for job in list(pending):
+            if len(running) >= max_jobs:
+                break
+            if not all(d in finished for d in job.deps):
+                continue
+            pending.remove(job)
+            if job.done is not None and job.done.exists():
+                finished[job.name] = 0.0
+                log(f"[quality] {job.name}: finished earlier, skipped")
+                continue
+            job.log_path.parent.mkdir(parents=True, exist_ok=True)
+            job.t0 = time.time()
+            job.proc = subprocess.Popen(job.cmd, stdout=job.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
+                                        cwd=REPO)
+            running.append(job)
+            log(f"[quality] {job.name}: started")
+        if pending and not running and not any(all(d in finished for d in j.deps) for j in pending):
+            sys.exit(f"quality: unmet dependencies: {[j.name for j in pending]}")
+        time.sleep(0.5)
+    return finished
+
+
+def code_digest() -> str:
+    """A hash of the package's source: a cached stage is reused only when the code that trained it is this code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((REPO / "idql_cm").rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def jobs_name(root: Path) -> str:
+    return f"{root.parent.parent.name}/{root.parent.name}/{root.name}"
+
+
+def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tuple[Job, Path]:
+    """The ``idql-cm fit`` job of ``cfg`` in ``base/<stage>-<hash of the config>``: a configuration trained before
+    (by any run into the same ``--out``) is reused, so ablations retrain only the stages they change."""
+    import hashlib
+
+    cfg = copy.deepcopy(cfg)
+    cfg["trainer"]["default_root_dir"] = ""
+    # the code's defaults count too: a stage trained by other code is retrained
+    digest = hashlib.sha256((yaml.safe_dump(cfg, sort_keys=True) + code_digest()).encode()).hexdigest()[:8]
+    root = base / f"{stage}-{digest}"
+    cfg["trainer"]["default_root_dir"] = str(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "stage.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    has_eval = any(cb.get("class_path") == EVAL_CLASS for cb in cfg["trainer"].get("callbacks", []))
+    done = (root / "eval_report.json") if has_eval else (root / "checkpoints" / "last.ckpt")
+    job = Job(jobs_name(root), [sys.executable, "-m", "idql_cm", "fit", "--config", str(cfg_path)], root / "fit.log", deps,
+              done=done)
+    return job, root
+
+
+# ----------------------------------------------------------------------------------------------- toys
+def toy_samples(ckpt: Path, toy, nfe: int, solver: str | None, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` actions per condition from the checkpoint's EMA policy at ``nfe`` (EDM with ``solver``)."""
+    import dataclasses
+
+    import torch
+
+    from idql_cm import load_actor
+
+    policy = load_actor(str(ckpt), device="cpu")
+    if solver is not None:
+        policy.actor = dataclasses.replace(policy.actor, solver=solver)
+    g = torch.Generator().manual_seed(seed)
+    return [policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=nfe, generator=g).numpy() for c in range(toy.obs_dim)]
+
+
+def toy_metrics(toy, samples: list[np.ndarray], seed: int) -> dict[str, Any]:
+    from idql_cm.data.toys import RADIUS
+    from idql_cm.eval.fidelity import mode_stats, sliced_wasserstein
+
+    rng = np.random.default_rng(10_000 + seed)
+    per_cond, prec, ratio, sw = [], [], [], []
+    for c, s in enumerate(samples):
+        st = mode_stats(s, toy.centres(c), toy.weights(c), RADIUS)
+        d = sliced_wasserstein(s, toy.sample(c, len(s), rng), seed=seed)
+        per_cond.append({"precision": st.precision, "shares": st.shares, "true_shares": st.weights,
+                         "min_share_ratio": st.min_share_ratio, "sliced_w1": d})
+        prec.append(st.precision)
+        ratio.append(st.min_share_ratio)
+        sw.append(d)
+    return {"precision": float(np.mean(prec)), "worst_precision": float(np.min(prec)),
+            "min_share_ratio": float(np.min(ratio)), "sliced_w1": float(np.mean(sw)), "conditions": per_cond}
+
+
+def truth_floor(toy, n: int, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(20_000 + seed)
+    return toy_metrics(toy, [toy.sample(c, n, rng) for c in range(toy.obs_dim)], seed)
+
+
+def plan_toys(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[Job], list[tuple]]:
+    """The fit jobs of every (variant, toy, seed), deduplicated by configuration."""
+    from idql_cm.data.toys import TOYS, write_toy_dataset
+
+    jobs: dict[str, Job] = {}
+    plan = []
+    for label, overrides in variants.items():
+        for name in args.toys:
+            for seed in args.seeds:
+                base = out / "toys" / name / f"seed{seed}"
+                data = base / "data.hdf5"
+                if not data.exists():
+                    write_toy_dataset(data, TOYS[name], transitions=args.toy_transitions, seed=seed)
+                roots: dict[str, Path] = {}
+                for stage in TOY_STAGES:
+                    ov = dict(overrides)
+                    if stage == "cd":
+                        ov["cd.model.init_args.teacher_ckpt"] = str(roots["edm"] / "checkpoints" / "last.ckpt")
+                    cfg = stage_config(stage, data, seed, ov, evaluate=False)
+                    deps = (jobs_name(roots["edm"]),) if stage == "cd" else ()
+                    job, roots[stage] = fit_job(cfg, base, stage, deps)
+                    jobs.setdefault(job.name, job)
+                plan.append((label, name, seed, roots))
+    return list(jobs.values()), plan
+
+
+def toy_results(args, plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """``{variant: {toy: {seed: row}}}``: every backbone at every NFE, sampled through ``load_actor``."""
+    from idql_cm.data.toys import TOYS
+
+    results: dict[str, dict[str, Any]] = {}
+    for label, name, seed, roots in plan:
+        toy = TOYS[name]
+        row: dict[str, Any] = {"truth": truth_floor(toy, args.samples, seed)}
+        for stage in TOY_STAGES:
+            ckpt = roots[stage] / "checkpoints" / "last.ckpt"
+            kinds = [("edm_euler", "euler", NFES), ("edm_heun", "heun", HEUN_NFES)] if stage == "edm" else \
+                [(stage, None, NFES)]
+            for key, solver, nfes in kinds:
+                row[key] = {}
+                for k in nfes:
+                    samples = toy_samples(ckpt, toy, k, solver, args.samples, seed)
+                    row[key][str(k)] = toy_metrics(toy, samples, seed)
+                    if seed == args.seeds[0] and (key, k) in PLOTTED:
+                        SAMPLES.setdefault(label, {}).setdefault(name, {})[f"{key}@{k}"] = samples
+        row["seconds"] = {s: times.get(jobs_name(roots[s]), 0.0) for s in TOY_STAGES}
+        row["stages"] = {s: str(roots[s]) for s in TOY_STAGES}
+        results.setdefault(label, {}).setdefault(name, {})[str(seed)] = row
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- medium-expert
+def me_data(args, out: Path, seed: int) -> Path:
+    data = out / "medium_expert" / f"seed{seed}" / "data.hdf5"
+    if not data.exists():
+        log(f"[quality] medium-expert seed {seed}: collecting {args.me_transitions} HalfCheetah-v5 transitions")
+        proc = subprocess.run([sys.executable, "-m", "idql_cm", "collect", "--env", "HalfCheetah-v5", "--out",
+                               str(data), "--transitions", str(args.me_transitions), "--seed", str(seed),
+                               "--behaviour", "medium-expert", "--quiet"], cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"quality: collect failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return data
+
+
+def plan_me(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[Job], list[tuple]]:
+    jobs: dict[str, Job] = {}
+    plan = []
+    for label, overrides in variants.items():
+        for seed in args.seeds:
+            data = me_data(args, out, seed)
+            base = data.parent
+            roots: dict[str, Path] = {}
+            for stage in ME_STAGES:
+                cfg = stage_config(stage, data, seed, overrides, evaluate=True)
+                _point_at_partners(cfg, roots)
+                deps = tuple(jobs_name(roots[d]) for d in {"cd": ("edm", "iql"), "edm": ("iql",),
+                                                            "ct": ("iql",)}.get(stage, ()))
+                job, roots[stage] = fit_job(cfg, base, stage, deps)
+                jobs.setdefault(job.name, job)
+            plan.append((label, seed, data, roots))
+    return list(jobs.values()), plan
+
+
+def me_results(plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for label, seed, data, roots in plan:
+        row: dict[str, Any] = {"behaviour": behaviour_levels(data),
+                               "seconds": {s: times.get(jobs_name(roots[s]), 0.0) for s in ME_STAGES},
+                               "stages": {s: str(roots[s]) for s in ME_STAGES}}
+        for stage in ("edm", "ct", "cd"):
+            rep = json.loads((roots[stage] / "eval_report.json").read_text())
+            row[stage] = {str(r["nfe"]): {"score": r["normalized_score_mean"], "se": r["normalized_score_se"],
+                                          "episodes": r["episodes"]} for r in rep["results"]}
+        results.setdefault(label, {})[str(seed)] = row
+    return results
+
+
+def _point_at_partners(cfg: dict, roots: dict[str, Path]) -> None:
+    """The critic and teacher paths of a medium-expert stage: the IQL / EDM stages of this run."""
+    for cb in cfg["trainer"].get("callbacks", []):
+        if cb.get("class_path") == EVAL_CLASS:
+            cb["init_args"]["critic_ckpt"] = str(roots["iql"] / "checkpoints" / "last.ckpt")
+    if "teacher_ckpt" in cfg["model"].get("init_args", {}):
+        cfg["model"]["init_args"]["teacher_ckpt"] = str(roots["edm"] / "checkpoints" / "last.ckpt")
+
+
+def behaviour_levels(data: Path) -> dict[str, Any]:
+    """The two behaviours' own normalised scores (mean ± SE over their episodes), from the file's metadata."""
+    import h5py
+
+    from idql_cm.data.scores import normalized_score
+
+    with h5py.File(data, "r") as f:
+        returns = np.asarray(f["metadata/episode_returns"])
+        level = np.asarray(f["metadata/episode_level"]).astype(str)
+    out = {}
+    for name in ("expert", "medium"):
+        s = normalized_score("halfcheetah", returns[level == name])
+        out[name] = {"score": float(s.mean()), "se": float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else 0.0,
+                     "episodes": int(len(s))}
+    s = normalized_score("halfcheetah", returns)
+    out["dataset"] = {"score": float(s.mean()), "se": float(s.std(ddof=1) / np.sqrt(len(s))), "episodes": int(len(s))}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            sys.exit(f"quality: error: --set expects key=value, found {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["all", "toys", "me"], default="all")
+    ap.add_argument("--toys", default="counts,unequal,far", type=lambda s: [t for t in s.split(",") if t])
+    ap.add_argument("--seeds", default="0", type=lambda s: [int(t) for t in s.split(",") if t])
+    ap.add_argument("--jobs", type=int, default=2, help="stages trained at once (one thread each)")
+    ap.add_argument("--samples", type=int, default=2000, help="samples per condition and NFE")
+    ap.add_argument("--toy-transitions", type=int, default=50_000)
+    ap.add_argument("--me-transitions", type=int, default=100_000)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every stage, or <stage>.KEY=VALUE for one")
+    ap.add_argument("--out", default="results/quality", help="working folder (datasets, checkpoints, logs)")
+    ap.add_argument("--json", default=None, help="write the figures here (default: benchmarks/quality.json for a "
+                                                 "run without --set)")
+    ap.add_argument("--md", default=None, help="write the Markdown page (and its figure) here (default: "
+                                               "docs/quality.md for a run without --set / --variant)")
+    ap.add_argument("--label", default="shipped configs", help="the name of the run without --variant overrides")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;KEY=VALUE",
+                    help="also run these overrides (on top of --set), as an ablation row")
+    args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    variants = {args.label: overrides}
+    for item in args.variant:
+        label, _, rest = item.partition(":")
+        variants[label] = {**overrides, **parse_overrides([kv for kv in rest.split(";") if kv.strip()])}
+    out = (REPO / args.out).resolve()
+    t0 = time.time()
+    jobs, toy_plan, me_plan = [], [], []
+    if args.part in ("all", "toys"):
+        j, toy_plan = plan_toys(args, variants, out)
+        jobs += j
+    if args.part in ("all", "me"):
+        j, me_plan = plan_me(args, variants, out)
+        jobs += j
+    times = run_jobs(jobs, args.jobs)
+    toys, me = toy_results(args, toy_plan, times), me_results(me_plan, times)
+    results = {label: {"label": label, "overrides": ov, "seeds": args.seeds, "toys": toys.get(label, {}),
+                       "medium_expert": me.get(label, {})} for label, ov in variants.items()}
+    doc = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+           "seconds": time.time() - t0, "threads_per_stage": 1, "jobs": args.jobs, "variants": results}
+    dest = args.json or (str(REPO / "benchmarks" / "quality.json") if not overrides and not args.variant else None)
+    if dest:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_text(json.dumps(doc, indent=1))
+        log(f"[quality] wrote {dest}")
+    from benchmarks.quality_report import plot_toys, summary, write_markdown
+
+    md = args.md or (str(REPO / "docs" / "quality.md") if not overrides and not args.variant else None)
+    if md:
+        figure = Path(md).with_name("quality_toys.png")
+        if SAMPLES.get(args.label):
+            plot_toys(SAMPLES[args.label], figure, args.samples, args.seeds[0])
+        write_markdown(doc, Path(md), figure.name if figure.exists() else None)
+        log(f"[quality] wrote {md}")
+    for result in results.values():
+        print(summary(result), flush=True)
+    log(f"[quality] total {doc['seconds'] / 60:.1f} min")
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
