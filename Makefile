@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.installed
 TASK   ?= halfcheetah-medium-v2
 SEED   ?= 0
 
-.PHONY: install demo test test-fast lint bench pipeline report clean help
+.PHONY: install demo test test-fast lint bench quality pipeline report clean help
 
 help:
 	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL/EDM/CD/CT on CPU, evaluate, report"
 	@echo "make test      - run the test suite"
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
+	@echo "make quality   - generative-policy quality on known toys + a medium-expert analogue (CPU, ~15 min)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"
 
 $(STAMP): setup.cfg pyproject.toml scripts/install.sh
@@ -33,6 +34,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	@$(BIN)/python scripts/bench.py --out benchmarks/results.json
+
+quality: $(STAMP)
+	@$(BIN)/python -m benchmarks.quality --out results/quality
 
 pipeline: $(STAMP)
 	@$(BIN)/python scripts/run_pipeline.py --task $(TASK) --seed $(SEED) --out results/$(TASK)/seed$(SEED)

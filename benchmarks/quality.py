@@ -47,6 +47,7 @@ EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
 #: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
 PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("ct", 4), ("cd", 4))
 SAMPLES: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+STALE_CODE_OK = False  # --stale-code-ok: reuse stages trained by other code (exploration only)
 PROGRESS_CLASS = "idql_cm.modules.callbacks.StepProgressBar"
 
 
@@ -119,6 +120,7 @@ def run_jobs(jobs: list[Job], max_jobs: int) -> dict[str, float]:
                 continue
             running.remove(job)
             job.seconds = time.time() - job.t0
+            (job.log_path.parent / ".running").unlink(missing_ok=True)
             if rc != 0:
                 for other in running:
                     other.proc.kill()
@@ -132,11 +134,16 @@ def run_jobs(jobs: list[Job], max_jobs: int) -> dict[str, float]:
             if not all(d in finished for d in job.deps):
                 continue
             pending.remove(job)
+            if _running_elsewhere(job):  # another `make quality` into the same --out trains it: wait for that
+                pending.append(job)
+                continue
             if job.done is not None and job.done.exists():
                 finished[job.name] = 0.0
                 log(f"[quality] {job.name}: finished earlier, skipped")
                 continue
             job.log_path.parent.mkdir(parents=True, exist_ok=True)
+            (job.log_path.parent / ".running").write_text(str(os.getpid()))
+            (job.log_path.parent / "code.sha256").write_text(code_digest())
             job.t0 = time.time()
             job.proc = subprocess.Popen(job.cmd, stdout=job.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
                                         cwd=REPO)
@@ -162,6 +169,23 @@ def jobs_name(root: Path) -> str:
     return f"{root.parent.parent.name}/{root.parent.name}/{root.name}"
 
 
+def _running_elsewhere(job: Job) -> bool:
+    marker = job.log_path.parent / ".running"
+    try:
+        pid = int(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tuple[Job, Path]:
     """The ``idql-cm fit`` job of ``cfg`` in ``base/<stage>-<hash of the config>``: a configuration trained before
     (by any run into the same ``--out``) is reused, so ablations retrain only the stages they change."""
@@ -169,8 +193,7 @@ def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tu
 
     cfg = copy.deepcopy(cfg)
     cfg["trainer"]["default_root_dir"] = ""
-    # the code's defaults count too: a stage trained by other code is retrained
-    digest = hashlib.sha256((yaml.safe_dump(cfg, sort_keys=True) + code_digest()).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(yaml.safe_dump(cfg, sort_keys=True).encode()).hexdigest()[:8]
     root = base / f"{stage}-{digest}"
     cfg["trainer"]["default_root_dir"] = str(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -178,6 +201,10 @@ def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tu
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     has_eval = any(cb.get("class_path") == EVAL_CLASS for cb in cfg["trainer"].get("callbacks", []))
     done = (root / "eval_report.json") if has_eval else (root / "checkpoints" / "last.ckpt")
+    # the code's defaults count too: a stage trained by other code is retrained (unless --stale-code-ok)
+    code = root / "code.sha256"
+    if done.exists() and not STALE_CODE_OK and (not code.exists() or code.read_text() != code_digest()):
+        done.unlink()
     job = Job(jobs_name(root), [sys.executable, "-m", "idql_cm", "fit", "--config", str(cfg_path)], root / "fit.log", deps,
               done=done)
     return job, root
@@ -294,8 +321,10 @@ def plan_me(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[
             data = me_data(args, out, seed)
             base = data.parent
             roots: dict[str, Path] = {}
+            # the demo's 10 episodes give a standard error of ~3 points on these bimodal (run or stall) episodes
+            ov = {"eval.episodes": args.me_episodes, "eval.num_envs": args.me_episodes, **overrides}
             for stage in ME_STAGES:
-                cfg = stage_config(stage, data, seed, overrides, evaluate=True)
+                cfg = stage_config(stage, data, seed, ov, evaluate=True)
                 _point_at_partners(cfg, roots)
                 deps = tuple(jobs_name(roots[d]) for d in {"cd": ("edm", "iql"), "edm": ("iql",),
                                                             "ct": ("iql",)}.get(stage, ()))
@@ -367,17 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2000, help="samples per condition and NFE")
     ap.add_argument("--toy-transitions", type=int, default=50_000)
     ap.add_argument("--me-transitions", type=int, default=100_000)
+    ap.add_argument("--me-episodes", type=int, default=20, help="evaluation episodes per NFE (medium-expert)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every stage, or <stage>.KEY=VALUE for one")
     ap.add_argument("--out", default="results/quality", help="working folder (datasets, checkpoints, logs)")
     ap.add_argument("--json", default=None, help="write the figures here (default: benchmarks/quality.json for a "
                                                  "run without --set)")
+    ap.add_argument("--stale-code-ok", action="store_true",
+                    help="reuse cached stages trained by another version of the code (exploration only)")
     ap.add_argument("--md", default=None, help="write the Markdown page (and its figure) here (default: "
                                                "docs/quality.md for a run without --set / --variant)")
     ap.add_argument("--label", default="shipped configs", help="the name of the run without --variant overrides")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;KEY=VALUE",
                     help="also run these overrides (on top of --set), as an ablation row")
     args = ap.parse_args(argv)
+    global STALE_CODE_OK
+    STALE_CODE_OK = args.stale_code_ok
     overrides = parse_overrides(args.set)
     variants = {args.label: overrides}
     for item in args.variant:
