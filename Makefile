@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TASK   ?= halfcheetah-medium-v2
 SEED   ?= 0
 
-.PHONY: install demo test test-fast lint bench quality pipeline report clean help
+.PHONY: install demo test test-fast lint bench quality quality-ablate pipeline report clean help
 
 help:
 	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL/EDM/CD/CT on CPU, evaluate, report"
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 quality: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality
+
+quality-ablate: $(STAMP)
+	@$(BIN)/python -m benchmarks.quality --out results/quality --part toys --ablate
 
 pipeline: $(STAMP)
 	@$(BIN)/python scripts/run_pipeline.py --task $(TASK) --seed $(SEED) --out results/$(TASK)/seed$(SEED)

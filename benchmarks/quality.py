@@ -41,14 +41,31 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 TOY_STAGES = ("edm", "ct", "cd")
 ME_STAGES = ("iql", "edm", "ct", "cd")
-NFES = (1, 2, 4)
-HEUN_NFES = (1, 3)
 EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
 #: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
 PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("ct", 4), ("cd", 4))
 SAMPLES: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
 STALE_CODE_OK = False  # --stale-code-ok: reuse stages trained by other code (exploration only)
 PROGRESS_CLASS = "idql_cm.modules.callbacks.StepProgressBar"
+
+
+#: ``--ablate``: each row undoes one change of the shipped configs (the sampling-only changes, EDM's grid and the
+#: consistency models' re-noising, are rows of every run: the ``*_ref`` samplers of the same checkpoints)
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "CD: one EMA from the teacher, constant rate (reference)": {
+        "cd.model.init_args.target_ema": None, "cd.model.init_args.ema_warmup": False},
+    "CD: one EMA with the warm-up (idql-cm 0.1)": {"cd.model.init_args.target_ema": None},
+    "CD: 2000 steps (idql-cm 0.1 demo)": {"cd.trainer.max_steps": 2000},
+    "CT: Fourier scale 0.02 (reference)": {"ct.model.init_args.fourier_scale": 0.02},
+    "CT: Fourier scale 16 (= ¼ ln σ at EDM's scale)": {"ct.model.init_args.fourier_scale": 16.0},
+    "CT: Fourier scale 20 (= iCT's 1000·¼ ln σ at 0.02)": {"ct.model.init_args.fourier_scale": 20.0},
+    "CT and CD: student clipped in the loss (reference)": {
+        "ct.model.init_args.clip_student": True, "cd.model.init_args.clip_student": True},
+    "all actors: AdamW, weight decay 0.01 (reference)": {
+        "edm.model.init_args.optimizer": "adamw", "edm.model.init_args.weight_decay": 0.01,
+        "ct.model.init_args.optimizer": "adamw", "ct.model.init_args.weight_decay": 0.01,
+        "cd.model.init_args.optimizer": "adamw", "cd.model.init_args.weight_decay": 0.01},
+}
 
 
 def log(msg: str) -> None:
@@ -211,8 +228,20 @@ def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tu
 
 
 # ----------------------------------------------------------------------------------------------- toys
-def toy_samples(ckpt: Path, toy, nfe: int, solver: str | None, n: int, seed: int) -> list[np.ndarray]:
-    """``n`` actions per condition from the checkpoint's EMA policy at ``nfe`` (EDM with ``solver``)."""
+#: the sampled rows of each backbone: (key, sampler settings replacing the checkpoint's, NFEs). The ``*_ref`` rows
+#: sample the same checkpoint as the reference does: EDM from σ_max 80 on the ρ-7 grid, consistency models
+#: re-noising at the Karras levels (no retraining: these are sampling choices).
+SAMPLERS = {
+    "edm": (("edm_euler", {"solver": "euler"}, (1, 2, 4)), ("edm_heun", {"solver": "heun"}, (1, 3)),
+            ("edm_euler_ref", {"solver": "euler", "sample_sigma_max": None, "sample_rho": None}, (1, 2, 4))),
+    "ct": (("ct", {}, (1, 2, 4)), ("ct_ref", {"train_grid": None}, (2, 4))),
+    "cd": (("cd", {}, (1, 2, 4)), ("cd_ref", {"train_grid": None}, (2, 4))),
+}
+
+
+def toy_samples(ckpt: Path, toy, nfe: int, sampler: dict[str, Any], n: int, seed: int) -> list[np.ndarray]:
+    """``n`` actions per condition from the checkpoint's EMA policy at ``nfe``, with ``sampler`` settings replacing
+    the checkpoint's (fields of ``idql_cm.modules.artifacts.Actor``)."""
     import dataclasses
 
     import torch
@@ -220,8 +249,7 @@ def toy_samples(ckpt: Path, toy, nfe: int, solver: str | None, n: int, seed: int
     from idql_cm import load_actor
 
     policy = load_actor(str(ckpt), device="cpu")
-    if solver is not None:
-        policy.actor = dataclasses.replace(policy.actor, solver=solver)
+    policy.actor = dataclasses.replace(policy.actor, **sampler)
     g = torch.Generator().manual_seed(seed)
     return [policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=nfe, generator=g).numpy() for c in range(toy.obs_dim)]
 
@@ -285,12 +313,10 @@ def toy_results(args, plan: list[tuple], times: dict[str, float]) -> dict[str, d
         row: dict[str, Any] = {"truth": truth_floor(toy, args.samples, seed)}
         for stage in TOY_STAGES:
             ckpt = roots[stage] / "checkpoints" / "last.ckpt"
-            kinds = [("edm_euler", "euler", NFES), ("edm_heun", "heun", HEUN_NFES)] if stage == "edm" else \
-                [(stage, None, NFES)]
-            for key, solver, nfes in kinds:
+            for key, sampler, nfes in SAMPLERS[stage]:
                 row[key] = {}
                 for k in nfes:
-                    samples = toy_samples(ckpt, toy, k, solver, args.samples, seed)
+                    samples = toy_samples(ckpt, toy, k, sampler, args.samples, seed)
                     row[key][str(k)] = toy_metrics(toy, samples, seed)
                     if seed == args.seeds[0] and (key, k) in PLOTTED:
                         SAMPLES.setdefault(label, {}).setdefault(name, {})[f"{key}@{k}"] = samples
@@ -402,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/quality", help="working folder (datasets, checkpoints, logs)")
     ap.add_argument("--json", default=None, help="write the figures here (default: benchmarks/quality.json for a "
                                                  "run without --set)")
+    ap.add_argument("--ablate", action="store_true", help="also run every row of ABLATIONS (toys: ~35 min per seed "
+                                                          "on 2 cores; writes benchmarks/quality_ablations.json)")
     ap.add_argument("--stale-code-ok", action="store_true",
                     help="reuse cached stages trained by another version of the code (exploration only)")
     ap.add_argument("--md", default=None, help="write the Markdown page (and its figure) here (default: "
@@ -414,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     STALE_CODE_OK = args.stale_code_ok
     overrides = parse_overrides(args.set)
     variants = {args.label: overrides}
+    if args.ablate:
+        variants.update({label: {**overrides, **ov} for label, ov in ABLATIONS.items()})
     for item in args.variant:
         label, _, rest = item.partition(":")
         variants[label] = {**overrides, **parse_overrides([kv for kv in rest.split(";") if kv.strip()])}
@@ -432,14 +462,21 @@ def main(argv: list[str] | None = None) -> int:
                        "medium_expert": me.get(label, {})} for label, ov in variants.items()}
     doc = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
            "seconds": time.time() - t0, "threads_per_stage": 1, "jobs": args.jobs, "variants": results}
-    dest = args.json or (str(REPO / "benchmarks" / "quality.json") if not overrides and not args.variant else None)
+    plain = not overrides and not args.variant
+    dest = args.json or (str(REPO / "benchmarks" / ("quality_ablations.json" if args.ablate else "quality.json"))
+                         if plain else None)
     if dest:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         Path(dest).write_text(json.dumps(doc, indent=1))
         log(f"[quality] wrote {dest}")
     from benchmarks.quality_report import plot_toys, summary, write_markdown
 
-    md = args.md or (str(REPO / "docs" / "quality.md") if not overrides and not args.variant else None)
+    md = args.md or (str(REPO / "docs" / "quality.md") if plain and not args.ablate else None)
+    if plain and args.ablate:
+        from benchmarks.quality_report import write_ablations
+
+        write_ablations(doc, REPO / "docs" / "quality.md")
+        log("[quality] wrote the ablation table into docs/quality.md")
     if md:
         figure = Path(md).with_name("quality_toys.png")
         if SAMPLES.get(args.label):
