@@ -7,7 +7,6 @@ The modules are thin: the math lives in :mod:`idql_cm.nets` and :mod:`idql_cm.di
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -17,21 +16,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from idql_cm.checkpoint import DataFacts, check_fits_data, check_payload, make_payload
 from idql_cm.data.datamodule import resolve_seed, step_seed
-from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
-
-#: Bumped whenever the checkpoint payload changes incompatibly; older payloads are refused.
-FORMAT_VERSION = 1
+from idql_cm.errors import ConfigError, NonFiniteError
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
@@ -59,7 +48,7 @@ class IDQLModule(pl.LightningModule):
     """Base class: holds the dataset facts every checkpoint must carry and the shared training plumbing.
 
     Subclasses set ``kind`` and implement ``build(obs_dim, act_dim)`` (create the networks) and
-    ``payload()`` (the architecture hyper-parameters for :mod:`idql_cm.modules.artifacts`).
+    ``payload()`` (the architecture hyper-parameters for the checkpoint payload, :mod:`idql_cm.checkpoint`).
     """
 
     kind: str = "?"
@@ -167,39 +156,19 @@ class IDQLModule(pl.LightningModule):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
                 f"was not written, {self._last_good_checkpoint()} ({hint})")
-        checkpoint["idql_cm"] = {
-            "format": FORMAT_VERSION,
-            "kind": self.kind,
-            "obs_dim": self.obs_dim,
-            "act_dim": self.act_dim,
-            "normalizer": {"mean": self.obs_mean.tolist(), "std": self.obs_std.tolist()},
-            **self.data_info,
-            **self.payload(),
-            "skipped_steps": self.skipped_steps,
-        }
+        checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
+                                             self.data_info, self.payload(), self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("idql_cm")
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        where = f"checkpoint {path}" if path else "checkpoint"
-        if meta is None:
-            raise CheckpointError(f"{where}: expected an idql-cm checkpoint of kind '{self.kind}', found one without "
-                                  "the 'idql_cm' payload")
-        if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: checkpoint format {meta.get('format')} is not supported (this idql-cm "
-                                  f"reads format {FORMAT_VERSION}); retrain or use the idql-cm version that wrote it")
-        if meta.get("kind") != self.kind:
-            raise CheckpointError(f"{where}: expected a '{self.kind}' checkpoint to resume {type(self).__name__}, "
-                                  f"found kind '{meta.get('kind')}'")
-        from idql_cm.modules.artifacts import check_fits_data
-
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        meta = check_payload(checkpoint.get("idql_cm"), self.kind, "checkpoint", str(path))
         # Resuming on other data would silently replace this data's normaliser by the checkpoint's (the buffers
         # load with the weights): refuse while fitting. validate / test use the checkpoint's normaliser, as they should.
-        fitting = self._trainer is not None and getattr(self.trainer.state.fn, "value", None) == "fit"
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if self.obs_dim is not None:
-            check_fits_data(meta, "--ckpt_path", str(path), int(self.obs_dim), int(self.act_dim),
-                            self.obs_mean if fitting else None, self.obs_std if fitting else None,
-                            self.data_info.get("dataset"))
+            data = DataFacts(int(self.obs_dim), int(self.act_dim), self.obs_mean if fitting else None,
+                             self.obs_std if fitting else None, self.data_info.get("dataset"))
+            check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path", str(path))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         _migrate_loop_progress(checkpoint)
 
@@ -491,23 +460,12 @@ class IDQLModule(pl.LightningModule):
             self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
                        "values (model.init_args.nonfinite: skip)")
 
-    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_mean) / self.obs_std
-
     def total_steps(self) -> int:
         ms = getattr(self.trainer, "max_steps", -1) if self._trainer is not None else -1
         if ms is None or ms <= 0:
             raise ConfigError("trainer.max_steps: expected a positive step count (training is step-based), found "
                               f"{ms}")
         return int(ms)
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
 
 
 def _migrate_loop_progress(checkpoint: dict[str, Any]) -> None:
