@@ -35,7 +35,7 @@ from idql_cm.diffusion.edm import EDMDenoiser
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.fileio import file_sha256
-from idql_cm.modules.common import IDQLModule, cosine_or_constant, make_optimizer
+from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
 from idql_cm.nets.ema import EMAWarmup, ema_update_
 from idql_cm.nets.mlp import IDQLMlp
 
@@ -294,10 +294,10 @@ class CDModule(ConsistencyBehaviour):
     def teacher(self) -> EDMDenoiser:
         return self.__dict__["_teacher"]
 
-    def preflight(self, datamodule: Any) -> None:
+    def preflight(self, datamodule: TrainingData | None) -> None:
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
         meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
-        if datamodule is not None and hasattr(datamodule, "normalizer"):
+        if datamodule is not None:
             norm = datamodule.normalizer
             data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
                              str(datamodule.dataset))
