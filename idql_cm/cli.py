@@ -102,7 +102,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             cfg = self.config.get(sub) if sub else None
             ckpt = cfg.get("ckpt_path") if cfg is not None else None
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-                from idql_cm.modules.artifacts import read_checkpoint
+                from idql_cm.checkpoint import read_checkpoint
 
                 model = cfg.get("model")
                 kind = _kind_of(str(getattr(model, "class_path", model)))
@@ -126,13 +126,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     cb.preflight(self.model, dm)
             meta = getattr(self, "_ckpt_meta", None)
             if meta is not None:
-                from idql_cm.modules.artifacts import check_fits_data
+                from idql_cm.checkpoint import DataFacts, check_fits_data
 
                 fitting = self.subcommand == "fit"
                 norm = dm.normalizer
-                check_fits_data(meta, "--ckpt_path", str(self.config[self.subcommand].get("ckpt_path")),
-                                int(dm.obs_dim), int(dm.act_dim), torch.as_tensor(norm.mean) if fitting else None,
-                                torch.as_tensor(norm.std) if fitting else None, str(dm.dataset))
+                data = DataFacts(int(dm.obs_dim), int(dm.act_dim), norm.mean if fitting else None,
+                                 norm.std if fitting else None, str(dm.dataset))
+                check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path",
+                                str(self.config[self.subcommand].get("ckpt_path")))
 
         def before_fit(self) -> None:
             self._preflight()
@@ -162,7 +163,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             plugins = config.get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):
-                from idql_cm.modules.artifacts import AtomicCheckpointIO
+                from idql_cm.modules.checkpoint_io import AtomicCheckpointIO
 
                 # A kill or power cut during a save must not leave a truncated last.ckpt (see AtomicCheckpointIO).
                 plugins.append(AtomicCheckpointIO())

@@ -78,7 +78,7 @@ def test_cd_single_ema_is_the_reference_layout(data_and_teacher, tmp_path):
 def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher, tmp_path):
     """A CD checkpoint records its 18-interval grid and a CT one its last curriculum grid; ``load_policy`` and the
     training module's ``eval_actor`` re-noise on it (``renoise: karras`` turns it off)."""
-    from idql_cm.modules.artifacts import load_policy
+    from idql_cm.checkpoint import load_policy
 
     dataset, teacher = data_and_teacher
     cd = _fit("cd", tmp_path, dataset, 2, "cdg", teacher_ckpt=str(teacher))

@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from idql_cm import load_actor, load_agent, load_exported
+from idql_cm.checkpoint import load_policy
 from idql_cm.cli import main
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.eval.agent import sample_actions, select_candidates
 from idql_cm.export.exporter import TOLERANCE, export_agent
-from idql_cm.modules.artifacts import load_policy
-from idql_cm.modules.common import file_sha256
+from idql_cm.fileio import file_sha256
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 from tests.synth import write_d4rl_file
 

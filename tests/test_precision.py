@@ -31,7 +31,7 @@ def test_iql_under_bf16_mixed_matches_fp32(tmp_path):
 
 
 def test_advantage_is_fp32_under_autocast(tmp_path):
-    from idql_cm.modules.artifacts import Critic
+    from idql_cm.checkpoint import Critic
     from idql_cm.nets.critics import TwinQ, ValueNet
 
     torch.manual_seed(0)

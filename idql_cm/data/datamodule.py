@@ -38,6 +38,7 @@ from idql_cm.data.d4rl import (
 from idql_cm.data.normalizer import ObsNormalizer
 from idql_cm.data.scores import task_family
 from idql_cm.errors import ConfigError, DataError
+from idql_cm.lightning_compat import consumed_batches
 
 __all__ = ["BATCH_KEYS", "SingleBatchLoader", "TDBatchIterable", "TDDataModule", "column_views", "pack_columns",
            "resolve_seed", "step_seed"]
@@ -72,10 +73,7 @@ def _consumed_batches(trainer) -> int:
     """Training batches the trainer has already drawn (0 without a trainer)."""
     if trainer is None:
         return 0
-    try:
-        return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-    except AttributeError:
-        return int(getattr(trainer, "global_step", 0))
+    return consumed_batches(trainer)
 
 
 def pack_columns(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:

@@ -27,8 +27,9 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic
 from idql_cm.data.scores import D4RL_ENV_VERSION
-from idql_cm.errors import CheckpointError, ConfigError
+from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, evaluate
 
@@ -71,19 +72,10 @@ def resolve_env_id(name: str | None, version: str = D4RL_ENV_VERSION) -> str | N
 def _check_critic(path: str, critic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
     """Refuse an IQL critic trained on other data than the policy (other sizes, or another observation normaliser):
     its advantages would rank the candidates by another task's values. A CheckpointError names both sides."""
-    if (int(critic.obs_dim), int(critic.act_dim)) != (obs_dim, act_dim):
-        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} has obs/act size {critic.obs_dim}/{critic.act_dim}"
-                              f" (trained on {getattr(critic, 'task', None)}), the policy's data {dataset} has "
-                              f"{obs_dim}/{act_dim}")
-    mine = getattr(critic, "obs_mean", None)
-    if obs_mean is None or mine is None:
-        return
-    a = torch.as_tensor(mine, dtype=torch.float32).detach().cpu().reshape(-1)
-    b = torch.as_tensor(obs_mean, dtype=torch.float32).detach().cpu().reshape(-1)
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
-        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} was trained on {getattr(critic, 'task', None)}, "
-                              f"the policy on {dataset}: their observation normalisers differ; use the IQL checkpoint "
-                              "of the policy's dataset")
+    trained = DataFacts(int(critic.obs_dim), int(critic.act_dim), getattr(critic, "obs_mean", None),
+                        dataset=getattr(critic, "task", None))
+    check_fits_data(trained, DataFacts(obs_dim, act_dim, obs_mean, dataset=dataset), "RolloutEvaluation.critic_ckpt",
+                    path)
 
 
 def _split(episodes: int, world: int, rank: int) -> tuple[int, int]:
@@ -263,8 +255,6 @@ class RolloutEvaluation(Callback):
 
     @staticmethod
     def _load_critic_from(path: str, device):
-        from idql_cm.modules.artifacts import load_critic  # lazy: the modules layer sits above eval's imports
-
         return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt")
 
     def _get_critic(self, device):

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from idql_cm.errors import DataError
+from idql_cm.fileio import atomic_write
 
 BACKBONES = ("edm", "cd", "ct")
 _FAMILY_LABEL = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
@@ -226,25 +226,13 @@ def _json_clean(x):
     return x
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike, name: str = "eval_report") -> tuple[Path, Path]:
-    """Write ``{out_dir}/{name}.json`` and ``{name}.md`` atomically (temp file + ``os.replace``); returns both paths."""
+    """Write ``{out_dir}/{name}.json`` and ``{name}.md`` atomically (:func:`idql_cm.fileio.atomic_write`); returns both
+    paths."""
     out = Path(out_dir)
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(jpath, json.dumps(_json_clean(report), indent=2, allow_nan=False) + "\n")
-    _atomic_write(mpath, render_markdown(report))
+    atomic_write(jpath, json.dumps(_json_clean(report), indent=2, allow_nan=False) + "\n")
+    atomic_write(mpath, render_markdown(report))
     return jpath, mpath
 
 
@@ -522,10 +510,10 @@ def run_report(args) -> int:
                 title = f"score during training, NFE {m.group(1)}" if m else tag
                 curves.setdefault(title, {})[f"{_column(r)} {short_task(r.get('task'), r.get('env_id'))} "
                                              f"{label}"] = pts
-        _atomic_write(out / "combined_report.json",
-                      json.dumps(_json_clean({"reports": merged, "sources": [str(f) for f, _, _ in sources]}),
-                                 indent=2, allow_nan=False) + "\n")
-        _atomic_write(out / "combined_report.md", "# idql-cm results\n\n" + table)
+        atomic_write(out / "combined_report.json",
+                     json.dumps(_json_clean({"reports": merged, "sources": [str(f) for f, _, _ in sources]}),
+                                indent=2, allow_nan=False) + "\n")
+        atomic_write(out / "combined_report.md", "# idql-cm results\n\n" + table)
         png = plot_scores(merged, out / "scores.png", curves=curves or None)
         sys.stdout.write(f"\nwrote {out / 'combined_report.json'}, {out / 'combined_report.md'}, {png}\n")
     return 0

@@ -121,8 +121,8 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
                 selection: str = "softmax"):
     """The eager :class:`IDQLAgent` on the CPU, with the export's checks: ``--actor`` must be a behaviour policy
     and ``--critic`` an IQL critic of the same data (sizes and observation normaliser)."""
+    from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, load_policy, read_checkpoint
     from idql_cm.eval.agent import IDQLAgent
-    from idql_cm.modules.artifacts import check_fits_data, load_critic, load_policy, read_checkpoint
 
     try:
         actor = load_policy(str(actor_ckpt), device="cpu")
@@ -131,8 +131,8 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
     critic = None
     if critic_ckpt is not None:
         meta = read_checkpoint(str(critic_ckpt), expect_kind="iql", what="--critic")["idql_cm"]
-        check_fits_data(meta, "--critic", str(critic_ckpt), actor.obs_dim, actor.act_dim, actor.obs_mean,
-                        actor.obs_std, dataset=f"{actor.task} (the --actor's)")
+        data = DataFacts(actor.obs_dim, actor.act_dim, actor.obs_mean, actor.obs_std, f"{actor.task} (the --actor's)")
+        check_fits_data(DataFacts.of_payload(meta), data, "--critic", str(critic_ckpt))
         critic = load_critic(str(critic_ckpt), device="cpu", what="--critic")
     return IDQLAgent(actor, critic, num_candidates=candidates, temperature=temperature, selection=selection)
 
@@ -145,7 +145,7 @@ def _bounds(model, act_dim: int) -> tuple[list[float], list[float]]:
 
 def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: str) -> dict[str, Any]:
     from idql_cm import __version__
-    from idql_cm.modules.common import file_sha256
+    from idql_cm.fileio import file_sha256
 
     actor, idql = agent.actor, agent.critic is not None
     n = agent.num_candidates if idql else 1
