@@ -232,9 +232,10 @@ def instrument(kind: str, dm, cfg: dict[str, Any], work: str, teacher: str | Non
     stats = pstats.Stats(prof).stats  # {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
     for label, where, name in PIECES:
         rows = [v for (file, _, fn), v in stats.items() if fn == name and where in file.replace("\\", "/")]
-        calls, cum = sum(r[0] for r in rows), sum(r[3] for r in rows)  # primitive calls: recursion counted once
-        if not calls:
+        if not rows:
             continue  # a hook this version of the code does not have
+        # the outermost definition (an override calling super() is listed twice); primitive calls: recursion once
+        calls, cum = max(((r[0], r[3]) for r in rows), key=lambda r: r[1])
         out["pieces_ms_per_step"][label] = {"mean_call_ms": 1e3 * cum / calls, "calls": calls,
                                             "mean_ms_per_step": 1e3 * cum / steps}
         log(f"  {label:58s} mean {1e3 * cum / calls:7.3f} ms/call, {calls:4d} calls, {1e3 * cum / steps:7.3f} ms/step")
