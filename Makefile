@@ -33,7 +33,7 @@ lint: $(STAMP)
 	@$(BIN)/ruff check idql_cm tests scripts
 
 bench: $(STAMP)
-	@$(BIN)/python scripts/bench.py --out benchmarks/results.json
+	@$(BIN)/python -m benchmarks --out benchmarks/results.json
 
 quality: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality

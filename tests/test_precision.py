@@ -11,7 +11,7 @@ import torch
 
 from idql_cm.cli import main
 from tests.cli_utils import CONFIGS, shrink_config
-from tests.synth import write_d4rl_file
+from idql_cm.data.synthetic import write_d4rl_file
 
 
 def _fit_iql(tmp_path, dataset: str, precision: str) -> dict:

@@ -11,7 +11,7 @@ import yaml
 
 from idql_cm.cli import main
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
-from tests.synth import write_d4rl_file
+from idql_cm.data.synthetic import write_d4rl_file
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.1}}
 
