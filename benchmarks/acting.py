@@ -16,7 +16,7 @@ def random_actor_and_critic(kind: str, cfg: dict[str, Any]):
     """An actor of ``kind`` and a critic at the benchmark's net sizes, random weights (time, not quality)."""
     from idql_cm.diffusion.consistency import ConsistencyModel
     from idql_cm.diffusion.edm import EDMDenoiser
-    from idql_cm.modules.artifacts import Actor, Critic
+    from idql_cm.checkpoint import Actor, Critic
     from idql_cm.nets.critics import TwinQ, ValueNet
     from idql_cm.nets.mlp import IDQLMlp
 

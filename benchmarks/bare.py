@@ -52,19 +52,13 @@ def bare_hparams(module) -> dict[str, Any]:
     return hp
 
 
-def _edm_teacher(ckpt_path: str, obs_dim: int, act_dim: int):
+def _edm_teacher(ckpt_path: str):
     """(frozen EDM teacher from the checkpoint's EMA weights, its payload, its state_dict) for the CD bare loop."""
-    # lead: replace with idql_cm.checkpoint.edm_from_payload after s13-ckpt merges
-    from idql_cm.diffusion.edm import EDMDenoiser
-    from idql_cm.modules.artifacts import read_checkpoint, state_prefix
-    from idql_cm.modules.behaviour import net_kwargs
-    from idql_cm.nets.mlp import IDQLMlp
+    from idql_cm.checkpoint import edm_from_payload, read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path, expect_kind="edm")
     meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-    method = {k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")}
-    teacher = EDMDenoiser(IDQLMlp(obs_dim, act_dim, **net_kwargs(meta["net"])), **method)
-    teacher.load_state_dict(state_prefix(state, "ema_model."))
+    teacher = edm_from_payload(meta, state, "ema_model.", f"teacher {ckpt_path}")
     return teacher.requires_grad_(False).eval(), meta, state
 
 
@@ -81,7 +75,7 @@ class BareLoop:
         from idql_cm.diffusion.consistency import ConsistencyModel
         from idql_cm.diffusion.edm import EDMDenoiser
         from idql_cm.diffusion.schedules import karras_sigmas
-        from idql_cm.modules.artifacts import state_prefix
+        from idql_cm.checkpoint import state_prefix
         from idql_cm.modules.behaviour import net_kwargs
         from idql_cm.modules.common import cosine_or_constant, make_optimizer
         from idql_cm.nets.critics import TwinQ, ValueNet
@@ -107,7 +101,7 @@ class BareLoop:
             ema = hp["ema_warmup"]
             self.ema = EMAWarmup(**ema) if ema is not None else None
             if self.kind == "cd":
-                self.teacher, meta, state = _edm_teacher(hp["teacher_ckpt"], OBS_DIM, ACT_DIM)
+                self.teacher, meta, state = _edm_teacher(hp["teacher_ckpt"])
                 self.teacher.to(self.device)
                 kw = net_kwargs(meta["net"]) if hp["net"] is None else net_kwargs(hp["net"])
                 self.model = ConsistencyModel(IDQLMlp(OBS_DIM, ACT_DIM, **kw), **hp["method"])
