@@ -15,7 +15,7 @@ import pytest
 
 from idql_cm.cli import main
 from tests.cli_utils import CONFIGS, REPO, shrink_config
-from tests.synth import write_d4rl_file
+from idql_cm.data.synthetic import write_d4rl_file
 
 OBS_DIM, ACT_DIM = 17, 6
 
