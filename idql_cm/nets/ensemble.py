@@ -105,7 +105,8 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(num_members, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one batched GEMM; on CPU (MKL) each member's block equals F.linear's output bit for bit (the tests check it)
+        # one batched GEMM; on CPU (MKL) member k's block equals F.linear's output bit for bit, except for a 1-wide
+        # output (a value head), where F.linear takes a matrix-vector product that sums in another order (~5 ulp)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
 
 
