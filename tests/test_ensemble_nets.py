@@ -1,13 +1,15 @@
 """Stacked member networks and per-member optimisation (idql_cm.nets.ensemble / member_optim): member k of a stacked
 net trains as the solo net built under seed s + k, with its own generator.
 
-Tolerance of the training comparisons: 1e-6 absolute on weights and first moments (and 1e-6 relative on second
-moments) after 50 steps. The stacked forward is the solo forward op for op (the same dropout draw, LayerNorm's
-affine as one addcmul), and on CPU it is bit-identical except where a sum runs in another order: a 1-wide output
-layer (F.linear's matrix-vector product vs one batched GEMM) and the LayerNorm affine's gradients (summed over the
-batch by autograd here, by LayerNorm's fused backward in the solo net). Those differ by a few float32 ulps: measured
-6e-8 on critic outputs, 1.2e-7 on weights, target and EMA after 50 Adam steps at lr 1e-3 (1-thread CPU). Each
-assertion message prints the measured maximum difference; the tolerance leaves ~8x headroom.
+Two ways of running the stacked layers are compared with the solo nets (``set_batched``):
+- per member (the CPU default): the solo ops on each member's slice, so the comparison is exact (tolerance 0);
+- batched (the GPU default, forced here on CPU): one ``baddbmm`` per linear layer and LayerNorm's affine as one
+  ``addcmul``. Two sums then run in another order: a 1-wide output layer (F.linear's matrix-vector product vs a
+  batched GEMM) and the LayerNorm affine's gradients (summed over the batch by autograd, not by LayerNorm's fused
+  backward). Tolerance 1e-6 absolute on outputs, weights, EMA and first moments, 1e-6 relative on second moments,
+  after 50 Adam steps at lr 1e-3; measured (1-thread CPU): 7e-8 on critic outputs, 1.2e-7 on weights, target and
+  EMA, a few float32 ulps, which leaves ~8x headroom.
+Each assertion message prints the measured maximum difference.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from idql_cm.nets import EMAWarmup, IDQLMlp, TwinQ, ValueNet, ema_update_
 from idql_cm.nets.ensemble import (
     MemberDropout,
     MemberGenerators,
+    set_batched,
     StackedIDQLMlp,
     StackedLinear,
     StackedTwinQ,
@@ -29,7 +32,7 @@ from idql_cm.nets.ensemble import (
 from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
 
 S, SEED, B, OBS, ACT = 3, 7, 32, 5, 3
-TOL = 1e-6
+TOLERANCE = {False: 0.0, True: 1e-6}  # by set_batched mode
 MLP = dict(emb_dim=16, hidden_dim=32, n_blocks=2, expand=2, dropout=0.1)
 
 
@@ -76,19 +79,23 @@ def test_dropout_draws_what_nn_dropout_draws():
         MemberDropout(0.1).train()(x)
 
 
-def test_stacked_linear_equals_per_member_linear():
-    lins = solo_nets(torch.nn.Linear, 23, 64)
-    st = StackedLinear(S, 23, 64)
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("out", [64, 1])
+def test_stacked_linear_equals_per_member_linear(batched, out):
+    lins = solo_nets(torch.nn.Linear, 23, out)
+    st = StackedLinear(S, 23, out)
+    st.batched = batched
     with torch.no_grad():
         st.weight.copy_(torch.stack([lin.weight for lin in lins]))
         st.bias.copy_(torch.stack([lin.bias for lin in lins]))
     x = torch.randn(S, B, 23)
     d = max((st(x)[k] - lins[k](x[k])).abs().max().item() for k in range(S))
-    assert d <= TOL, f"stacked linear vs nn.Linear: max abs difference {d:.3g}"
+    assert d <= TOLERANCE[batched], f"stacked linear vs nn.Linear: max abs difference {d:.3g}"
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("kind", ["mlp", "twin_q", "value"])
-def test_member_state_dict_round_trip(kind):
+def test_member_state_dict_round_trip(kind, batched):
     if kind == "mlp":
         nets, cls = solo_nets(IDQLMlp, OBS, ACT, **MLP), StackedIDQLMlp
         args = (torch.randn(S, B, ACT), torch.randn(S, B), torch.randn(S, B, OBS))
@@ -99,6 +106,7 @@ def test_member_state_dict_round_trip(kind):
         nets, cls = solo_nets(ValueNet, OBS, 32), StackedValueNet
         args = (torch.randn(S, B, OBS),)
     st = cls.from_members(nets).eval()
+    set_batched(st, batched)
     assert [n for n, _ in st.named_parameters()] == [n for n, _ in nets[0].named_parameters()]
     with torch.no_grad():
         out = st(*args)
@@ -109,7 +117,7 @@ def test_member_state_dict_round_trip(kind):
             fresh = st.member(k).eval()  # a solo net of the solo class, loaded from member k
             assert torch.equal(fresh(*(a[k] for a in args)), net.eval()(*(a[k] for a in args)))
             d = (out[k] - net(*(a[k] for a in args))).abs().max().item()
-            assert d <= TOL, f"{kind} member {k}: stacked forward vs solo: max abs difference {d:.3g}"
+            assert d <= TOLERANCE[batched], f"{kind} member {k}: stacked forward vs solo: max abs difference {d:.3g}"
     # members differ (their own seeds), and the copy does not alias the solo net
     assert not torch.equal(st.member_state_dict(0)[next(iter(net.state_dict()))], st.member_state_dict(1)[
         next(iter(net.state_dict()))])
@@ -133,12 +141,14 @@ def edm_like_loss(model, x0, obs, sigma, eps):
     return ((pred - x0) ** 2).mean(dim=(-2, -1))
 
 
-@pytest.mark.parametrize("optim", ["torch_adam", "member_adam"])
-def test_stacked_mlp_trains_like_solo_runs(optim):
+@pytest.mark.parametrize(("optim", "batched"), [("torch_adam", False), ("member_adam", False), ("member_adam", True)])
+def test_stacked_mlp_trains_like_solo_runs(optim, batched):
     """50 steps with dropout on: loss noise, then dropout masks, from each member's generator (the solo order)."""
     nets = solo_nets(IDQLMlp, OBS, ACT, **MLP)
     rng = MemberGenerators(S)
     st = StackedIDQLMlp.from_members(nets, rng).train()
+    set_batched(st, batched)
+    tol = TOLERANCE[batched]
     ema_solo = [copy.deepcopy(n).requires_grad_(False).eval() for n in nets]
     ema_st = copy.deepcopy(st).requires_grad_(False).eval()
     solo_opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in nets]
@@ -170,7 +180,7 @@ def test_stacked_mlp_trains_like_solo_runs(optim):
     for k, net in enumerate(nets):
         dw = max_diff(st.member_state_dict(k), net.state_dict())
         de = max_diff(ema_st.member_state_dict(k), ema_solo[k].state_dict())
-        assert dw <= TOL and de <= TOL, f"member {k}: weights differ by {dw:.3g}, EMA by {de:.3g} (tolerance {TOL})"
+        assert dw <= tol and de <= tol, f"member {k}: weights differ by {dw:.3g}, EMA by {de:.3g} (tolerance {tol})"
         for p_st, p in zip(st.parameters(), net.parameters(), strict=True):
             mine = opt.state[p_st]
             ref = solo_opts[k].state[p]
@@ -178,16 +188,20 @@ def test_stacked_mlp_trains_like_solo_runs(optim):
             v = ((mine["exp_avg_sq"][k] - ref["exp_avg_sq"]).abs() / ref["exp_avg_sq"].clamp_min(1e-30)).max().item()
             step_k = mine["step"] if optim == "torch_adam" else mine["step"][k]
             assert float(step_k) == float(ref["step"]) == 50.0
-            assert m <= TOL and v <= TOL, f"member {k}: exp_avg differs by {m:.3g}, exp_avg_sq by {v:.3g} (relative)"
+            assert m <= tol and v <= tol, f"member {k}: exp_avg differs by {m:.3g}, exp_avg_sq by {v:.3g} (relative)"
     assert max_diff(st.member_state_dict(0), st.member_state_dict(1)) > 1e-3  # the members are not one net
 
 
-def test_stacked_critics_train_like_solo_runs():
+@pytest.mark.parametrize("batched", [False, True])
+def test_stacked_critics_train_like_solo_runs(batched):
     """IQL's critic update (expectile V on the target twin-min Q, TD on V, Polyak target) for 50 steps."""
     qs, vs = solo_nets(TwinQ, OBS, ACT, 32), solo_nets(ValueNet, OBS, 32)
     q_t = [copy.deepcopy(q).requires_grad_(False) for q in qs]
     sq, sv = StackedTwinQ.from_members(qs), StackedValueNet.from_members(vs)
+    set_batched(sq, batched)
+    set_batched(sv, batched)
     sq_t = copy.deepcopy(sq).requires_grad_(False)
+    tol = TOLERANCE[batched]
     opts = [torch.optim.Adam(list(q.parameters()) + list(v.parameters()), lr=1e-3) for q, v in zip(qs, vs)]
     opt = torch.optim.Adam(list(sq.parameters()) + list(sv.parameters()), lr=1e-3)
 
@@ -218,7 +232,7 @@ def test_stacked_critics_train_like_solo_runs():
         d = max(max_diff(sq.member_state_dict(k), qs[k].state_dict()),
                 max_diff(sv.member_state_dict(k), vs[k].state_dict()),
                 max_diff(sq_t.member_state_dict(k), q_t[k].state_dict()))
-        assert d <= TOL, f"member {k}: Q / V / target differ by {d:.3g} (tolerance {TOL})"
+        assert d <= tol, f"member {k}: Q / V / target differ by {d:.3g} (tolerance {tol})"
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
@@ -323,4 +337,4 @@ def test_fork_shares_dropout_masks_as_ct_does():
             t_k = net(x[k], c[k], o[k])
         assert torch.equal(torch.randn(4), after[k]), f"member {k}: the stream moved on differently"
         d = max((s_k - student[k]).abs().max().item(), (t_k - teacher[k]).abs().max().item())
-        assert d <= TOL, f"member {k}: CT forwards differ by {d:.3g}"
+        assert d == 0.0, f"member {k}: CT forwards differ by {d:.3g}"
