@@ -34,6 +34,7 @@ class MemberAdam(torch.optim.Optimizer):
             raise ValueError(f"MemberAdam: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled))
         self.num_members = int(num_members)
+        self.next_members: torch.Tensor | None = None  # see step
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 0 or p.shape[0] != self.num_members:
@@ -42,12 +43,17 @@ class MemberAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, members: torch.Tensor | Sequence[bool] | None = None):
-        """One update of the members in ``members`` (bool ``[S]``; None: all). A parameter without gradient is left
-        alone, as in torch's Adam."""
+        """One update of the members in ``members`` (bool ``[S]``). Without ``members``, the mask left in
+        ``next_members`` (read after ``closure`` ran, and cleared) is used, else all members: a non-finite check that
+        runs inside the closure (Lightning's ``on_before_optimizer_step``) can set it. A parameter without gradient is
+        left alone, as in torch's Adam."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if members is None:
+            members = self.next_members
+        self.next_members = None
         S = self.num_members
         if members is None:
             stepping = list(range(S))
