@@ -23,11 +23,11 @@ from idql_cm.nets import EMAWarmup, IDQLMlp, TwinQ, ValueNet, ema_update_
 from idql_cm.nets.ensemble import (
     MemberDropout,
     MemberGenerators,
-    set_batched,
     StackedIDQLMlp,
     StackedLinear,
     StackedTwinQ,
     StackedValueNet,
+    set_batched,
 )
 from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
 
@@ -202,7 +202,7 @@ def test_stacked_critics_train_like_solo_runs(batched):
     set_batched(sv, batched)
     sq_t = copy.deepcopy(sq).requires_grad_(False)
     tol = TOLERANCE[batched]
-    opts = [torch.optim.Adam(list(q.parameters()) + list(v.parameters()), lr=1e-3) for q, v in zip(qs, vs)]
+    opts = [torch.optim.Adam(list(q.parameters()) + list(v.parameters()), lr=1e-3) for q, v in zip(qs, vs, strict=True)]
     opt = torch.optim.Adam(list(sq.parameters()) + list(sv.parameters()), lr=1e-3)
 
     def loss_fn(q, qt, v, obs, act, rew, nxt):
@@ -216,7 +216,7 @@ def test_stacked_critics_train_like_solo_runs(batched):
         return v_loss + ((q1 - td).square() + (q2 - td).square()).mean(dim=(-2, -1))
 
     data = torch.Generator().manual_seed(2)
-    for step in range(50):
+    for _ in range(50):
         obs, act = torch.randn(S, B, OBS, generator=data), torch.rand(S, B, ACT, generator=data)
         rew, nxt = torch.randn(S, B, 1, generator=data), torch.randn(S, B, OBS, generator=data)
         opt.zero_grad()
