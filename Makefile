@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 	@$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	@$(BIN)/ruff check idql_cm tests scripts
+	@$(BIN)/ruff check idql_cm tests scripts benchmarks
 
 bench: $(STAMP)
 	@$(BIN)/python -m benchmarks --out benchmarks/results.json

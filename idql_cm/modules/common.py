@@ -90,7 +90,7 @@ class IDQLModule(pl.LightningModule):
     def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False,
                  fused_steps: int = 1) -> None:
         """``fused_steps``: gradient updates per Trainer iteration (K). The Trainer's per-iteration work (batch
-        fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, scripts/bench.py)
+        fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, python -m benchmarks)
         is then paid once per K updates. The training is the same for any K, bit for bit: every update draws its
         own batch and seeds its own noise by its global step, and global_step counts updates. K is lowered to the
         largest divisor of log_every_n_steps and of the checkpoint and evaluation periods, with a warning."""
@@ -102,7 +102,7 @@ class IDQLModule(pl.LightningModule):
         # Manual optimisation: training_step runs backward, the optimiser, the EMA / target update and the LR
         # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step), and Lightning's automatic
         # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs ~0.1-0.15 ms more per step on these
-        # CPUs (scripts/bench.py --ablate: its floor), 1.5% of an IQL step.
+        # CPUs (python -m benchmarks --ablate: its floor), 1.5% of an IQL step.
         self.automatic_optimization = False
         self.compile_nets = bool(compile)
         if nonfinite not in ("stop", "skip"):
@@ -243,7 +243,7 @@ class IDQLModule(pl.LightningModule):
         # Randomness of step k is a function of (seed, rank, k): exact resume without saved RNG state.
         seed = step_seed(resolve_seed(None), self.global_rank, self.global_step, stream=1)
         # Only the generators in use: torch.manual_seed also seeds uninitialised CUDA/XPU/MTIA back-ends, each
-        # recording a stack trace, ~0.5 ms a step on CPU (scripts/bench.py --ablate).
+        # recording a stack trace, ~0.5 ms a step on CPU (python -m benchmarks --ablate).
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -355,7 +355,7 @@ class IDQLModule(pl.LightningModule):
         if not (check or log):
             return
         # The gradients cost one pass over them (~0.3 ms a step for IQL's critics and ~0.8 ms for the 1.6M-parameter
-        # nets on a 2-core CPU, scripts/bench.py --ablate): skip mode reads them before every checked update, as it
+        # nets on a 2-core CPU, python -m benchmarks --ablate): skip mode reads them before every checked update, as it
         # must act before a bad update; stop mode only on logging steps (train/grad_norm), because a non-finite
         # gradient that gets through makes the weights, hence the next step's loss, non-finite: training stops
         # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
