@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from idql_cm.data.validation import as_flags, check_finite
 from idql_cm.errors import DataError
 
 __all__ = ["load_minari", "minari_dataset_dir", "minari_env_id", "minari_root"]
@@ -139,8 +140,6 @@ def load_minari(dataset_id: str, use_package: bool | None = None) -> dict[str, n
         dataset_id: e.g. ``"mujoco/halfcheetah/medium-v0"``.
         use_package: read with the ``minari`` package (True), with h5py (False), or the package when importable (None).
     """
-    from idql_cm.data.d4rl import _as_flags, _check_finite
-
     data_dir = minari_dataset_dir(dataset_id)
     where = str(data_dir)
     if use_package is None:
@@ -175,7 +174,7 @@ def load_minari(dataset_id: str, use_package: bool | None = None) -> dict[str, n
     if out["rewards"].dtype.kind not in "fiu":
         raise DataError(f"{where}: key 'rewards': expected numbers, found dtype {out['rewards'].dtype}")
     for key, arr in out.items():
-        _check_finite(where, key, arr.reshape(len(arr), -1))
+        check_finite(where, key, arr.reshape(len(arr), -1))
     out = {k: v.astype(np.float32, copy=False) for k, v in out.items()}
-    out["terminals"] = _as_flags(where, "terminations", np.concatenate(term_l)).astype(bool, copy=False)
+    out["terminals"] = as_flags(where, "terminations", np.concatenate(term_l)).astype(bool, copy=False)
     return out
