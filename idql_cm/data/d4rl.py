@@ -24,11 +24,22 @@ what was expected and what was found.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
+from idql_cm.data.sources import (  # noqa: F401  (re-exported: the names' old home)
+    D4RL_FAMILIES,
+    D4RL_URL_PREFIX,
+    MINARI_PREFIX,
+    d4rl_dataset_dir,
+    d4rl_file_name,
+    d4rl_task_of,
+    minari_dataset_dir,
+    minari_env_id,
+    parse_d4rl_id,
+    resolve_source,
+)
 from idql_cm.data.validation import check_arrays
 from idql_cm.errors import DataError
 
@@ -48,79 +59,11 @@ __all__ = [
     "resolve_source",
 ]
 
-D4RL_FAMILIES = ("halfcheetah", "hopper", "walker2d")
-D4RL_URL_PREFIX = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
-MINARI_PREFIX = "minari:"
-_D4RL_DATASETS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
-_D4RL_ID = re.compile(
-    r"^(?P<family>halfcheetah|hopper|walker2d)-(?P<dataset>random|medium-replay|medium-expert|full-replay|medium|expert)"
-    r"-v(?P<version>\d+)$"
-)
-# halfcheetah_medium_replay-v2.hdf5 and friends: the file names D4RL downloads
-_D4RL_FILE = re.compile(
-    r"^(?P<family>halfcheetah|hopper|walker2d)_(?P<dataset>random|medium_replay|medium_expert|full_replay|medium|expert)"
-    r"-v(?P<version>\d+)\.hdf5$"
-)
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 
 
 class DataWarning(UserWarning):
     """Data that is used after a repair (clipped actions, unscaled rewards); ``idql-cm`` prints it as one line."""
-
-
-# --------------------------------------------------------------------------------------------- ids and paths
-def parse_d4rl_id(name: str) -> tuple[str, str, int] | None:
-    """``"hopper-medium-replay-v2"`` → ``("hopper", "medium-replay", 2)``; None for anything else."""
-    m = _D4RL_ID.match(str(name).strip())
-    if m is None:
-        return None
-    return m["family"], m["dataset"], int(m["version"])
-
-
-def d4rl_file_name(d4rl_id: str) -> str:
-    """The file name D4RL stores a dataset under: ``halfcheetah-medium-replay-v2`` → ``halfcheetah_medium_replay-v2.hdf5``."""
-    parsed = parse_d4rl_id(d4rl_id)
-    if parsed is None:
-        raise DataError(
-            f"{d4rl_id!r}: expected a D4RL MuJoCo id like 'halfcheetah-medium-v2' "
-            f"(families {', '.join(D4RL_FAMILIES)}; datasets {', '.join(_D4RL_DATASETS)})"
-        )
-    family, dataset, version = parsed
-    return f"{family}_{dataset.replace('-', '_')}-v{version}.hdf5"
-
-
-def d4rl_dataset_dir() -> Path:
-    """The D4RL download folder: ``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets`` (as ``d4rl.offline_env``)."""
-    env = os.environ.get("D4RL_DATASET_DIR")
-    return Path(env).expanduser() if env else Path("~/.d4rl/datasets").expanduser()
-
-
-def resolve_source(source: str | os.PathLike) -> Path | str:
-    """Where a dataset source lives: a :class:`Path` for files (D4RL ids resolved into the D4RL folder), or the
-    ``"minari:<id>"`` string unchanged for Minari datasets. Does not check that the file exists."""
-    if isinstance(source, os.PathLike):
-        return Path(source).expanduser()
-    text = str(source).strip()
-    if text.startswith(MINARI_PREFIX):
-        return text
-    if parse_d4rl_id(text) is not None:
-        return d4rl_dataset_dir() / d4rl_file_name(text)
-    return Path(text).expanduser()
-
-
-def d4rl_task_of(source: str | os.PathLike) -> str | None:
-    """The D4RL task id of a source: the id itself, or one read back from a D4RL file name
-    (``.../walker2d_medium_replay-v2.hdf5`` → ``walker2d-medium-replay-v2``); None otherwise."""
-    if not isinstance(source, os.PathLike):
-        text = str(source).strip()
-        if parse_d4rl_id(text) is not None:
-            return text
-        if text.startswith(MINARI_PREFIX):
-            return None
-    m = _D4RL_FILE.match(Path(source).name)
-    if m is None:
-        return None
-    return f"{m['family']}-{m['dataset'].replace('_', '-')}-v{m['version']}"
 
 
 def _missing_file_error(source, path: Path) -> DataError:
@@ -295,7 +238,6 @@ def check_minari_layout(dataset_id: str) -> None:
     be trained on twice, or one would shadow the other)."""
     import json
 
-    from idql_cm.data.minari_source import minari_dataset_dir
 
     data_dir = minari_dataset_dir(dataset_id)
     meta_path = data_dir / "metadata.json"
@@ -373,8 +315,6 @@ def read_env_id(source: str | os.PathLike) -> str | None:
         if parsed is not None:
             return parsed[0]
         if text.startswith(MINARI_PREFIX):
-            from idql_cm.data.minari_source import minari_env_id
-
             return minari_env_id(text[len(MINARI_PREFIX):])
     path = resolve_source(source)
     assert isinstance(path, Path)
