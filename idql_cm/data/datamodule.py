@@ -1,7 +1,9 @@
 """``TDDataModule``: qlearning transitions on the training device, sampled by random index.
 
-The whole dataset sits on the device as five float32 tensors; a batch is ``torch.randint`` indices plus
-``index_select`` (one kernel per key, no host sync, no per-item ``__getitem__`` / collate, no worker processes).
+The whole dataset sits on the device as one packed float32 tensor (obs, act, rew, next_obs, tml side by side,
+``pack_columns``); a batch, or K batches at once for a fused step, is ``torch.randint`` indices plus one
+``index_select`` of packed rows, viewed back as per-key columns (``column_views``): no host sync, no per-item
+``__getitem__`` / collate, no worker processes.
 This replaces the reference's shuffled ``DataLoader`` + ``loop_dataloader`` (reference-spec §3.3): both draw
 uniform batches from the transitions; the reference draws without replacement within an epoch, this draws with
 replacement (the standard for TD learning: CORL, JAX-CORL).

@@ -43,7 +43,6 @@ from idql_cm.errors import DataError
 from idql_cm.fileio import atomic_write
 
 BACKBONES = ("edm", "cd", "ct")
-_FAMILY_LABEL = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
 _DATASET_ABBREV = {"medium-expert": "me", "medium-replay": "mr", "full-replay": "fr", "medium": "m", "expert": "e",
                    "random": "r"}
 
@@ -118,7 +117,7 @@ def build_report(results: Sequence[dict[str, Any]], *, task: str | None, env_id:
                  num_candidates: int | None = None, **extra: Any) -> dict[str, Any]:
     """The report dict (see the module docstring); ``idql`` is False when there is no critic (behaviour cloning
     alone, in which case ``selection``, ``temperature`` and ``num_candidates`` do not apply and are ``None``)."""
-    from idql_cm import __version__
+    from idql_cm._version import __version__
 
     idql = critic is not None
     report: dict[str, Any] = {
@@ -144,7 +143,9 @@ def short_task(task: str | None, env_id: str | None = None) -> str:
     """``halfcheetah-medium-expert-v2`` → ``HalfCheetah-me`` (the tutorial's row labels); unknown names as they are."""
     name = task or env_id or "?"
     low = os.path.basename(str(name)).lower()
-    for fam, label in _FAMILY_LABEL.items():
+    from idql_cm.data.scores import FAMILY_LABELS
+
+    for fam, label in FAMILY_LABELS.items():
         if low.startswith(fam):
             rest = re.sub(r"\.(hdf5|h5)$", "", low[len(fam):]).replace("_", "-").strip("-")
             rest = re.sub(r"(^|-)v\d+$", "", rest)

@@ -144,7 +144,7 @@ def _bounds(model, act_dim: int) -> tuple[list[float], list[float]]:
 
 
 def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: str) -> dict[str, Any]:
-    from idql_cm import __version__
+    from idql_cm._version import __version__
     from idql_cm.fileio import file_sha256
 
     actor, idql = agent.actor, agent.critic is not None
