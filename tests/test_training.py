@@ -198,7 +198,7 @@ def test_fused_steps_are_lowered_to_divide_the_periods_with_a_warning(dataset, t
                         model_args={"hidden_dim": 32, "fused_steps": 8}, keep_eval=False)  # checkpoints every 6
     with caplog.at_level("WARNING", logger="idql_cm"):
         assert main(["fit", "--config", str(cfg), "--trainer.log_every_n_steps", "4"]) == 0
-    assert "model.fused_steps: 8 updates per Trainer iteration do not divide" in caplog.text
+    assert "model.fused_steps" in caplog.text and "8" in caplog.text  # where, and the value found
     assert "every_n_train_steps = 6" in caplog.text and "using 2" in caplog.text
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["last.ckpt", "step=12.ckpt"]
     assert [s for s, _ in _scalar_series(tmp_path / "k", "train/q_loss")] == [3, 7, 11]
