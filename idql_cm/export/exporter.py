@@ -24,6 +24,7 @@ from torch import nn
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.export import EXPORT_FORMAT, FORMATS, META_KEY, TS_EXTRA
 from idql_cm.export.runtime import load_exported, require_onnx
+from idql_cm.fileio import atomic_path
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4  # max |exported − eager| action difference an export is checked against before it is written
@@ -195,7 +196,7 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
     output path, the checkpoints, the NFE (the sampler's own check, e.g. an even NFE for Heun), the candidates,
     temperature and selection. The traced graph is then run against the eager agent on the same noise and
     uniforms; more than :data:`TOLERANCE` apart is refused too. The file is written beside ``out`` and moved into
-    place in one ``os.replace``.
+    place in one ``os.replace`` (:func:`idql_cm.fileio.atomic_path`).
     """
     check_writable(str(out))
     fmt = format_for(str(out), fmt)
@@ -213,35 +214,21 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
         warnings.simplefilter("ignore")  # TracerWarnings: the sampler's Python checks run once, at trace time
         traced = torch.jit.trace(graph, (obs, noise, u), check_trace=False)
     meta = _metadata(agent, nfe, str(actor_ckpt), None if critic_ckpt is None else str(critic_ckpt), fmt)
-    tmp = _temp_beside(str(out))
     try:
-        _write(fmt, traced, (obs, noise, u), meta, tmp)
-        # checked on other states and another batch size than the trace saw
-        obs, noise, u = _example(agent, nfe, b=5, seed=1)
-        u = u if agent.draws_selection else None
-        got = load_exported(tmp).act(obs.numpy(), noise=noise.numpy(), u=None if u is None else u.numpy())
-        gap = float(np.abs(got - agent.act(obs, nfe, noise=noise, u=u).numpy()).max())
-        if not gap <= TOLERANCE:
-            raise CheckpointError(f"export check: expected the exported graph within {TOLERANCE:g} of the eager "
-                                  f"agent, found a max |difference| of {gap:.3g} ({fmt}, {meta['kind']}, NFE {nfe})")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # the checked file replaces ``out`` only if every check passed
+            _write(fmt, traced, (obs, noise, u), meta, tmp)
+            # checked on other states and another batch size than the trace saw
+            obs, noise, u = _example(agent, nfe, b=5, seed=1)
+            u = u if agent.draws_selection else None
+            got = load_exported(tmp).act(obs.numpy(), noise=noise.numpy(), u=None if u is None else u.numpy())
+            gap = float(np.abs(got - agent.act(obs, nfe, noise=noise, u=u).numpy()).max())
+            if not gap <= TOLERANCE:
+                raise CheckpointError(f"export check: expected the exported graph within {TOLERANCE:g} of the "
+                                      f"eager agent, found a max |difference| of {gap:.3g} ({fmt}, {meta['kind']}, "
+                                      f"NFE {nfe})")
     except OSError as e:
-        _unlink(tmp)
         raise ConfigError(f"--out: cannot write {out} ({e.strerror or e})") from e
-    except BaseException:
-        _unlink(tmp)
-        raise
     return ExportResult(path=str(out), metadata=meta, max_abs_diff=gap)
-
-
-def _temp_beside(out: str) -> str:
-    target = os.path.abspath(out)
-    folder, name = os.path.split(target)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out: cannot create the folder {folder} ({e.strerror})") from e
-    return os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _unlink(path: str) -> None:
