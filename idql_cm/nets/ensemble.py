@@ -113,9 +113,8 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _batched(self, x):
-            # member by member: on CPU the GEMMs are compute-bound at these widths, the per-member F.linear is as fast
-            # as one batched GEMM forward and faster backward (bmm with a transposed operand: 12.4 vs 10.6 ms for
-            # S = 5, 256x256, B = 256, fwd + bwd, 1 thread), and it is the solo op, bit for bit
+            # member by member: the solo op, bit for bit; on CPU the GEMMs are compute-bound at these widths and bmm's
+            # backward is slower than S mm (docs/ensemble-design.md, "two modes")
             return torch.stack([F.linear(xk, wk, bk) for xk, wk, bk in
                                 zip(x.unbind(0), self.weight.unbind(0), self.bias.unbind(0), strict=True)])
         # one batched GEMM per layer (on a GPU a launch per member is what stacking saves)
@@ -135,8 +134,7 @@ class StackedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [S, B, dim]
         if not _batched(self, x):
-            # member by member (the solo fused kernel, bit for bit): the normalisation plus a broadcast addcmul costs
-            # twice as much on CPU (4.9 vs 2.5 ms for S = 5, B = 256, dim 256, fwd + bwd, 1 thread)
+            # member by member: the solo fused kernel, bit for bit (on CPU the batched form costs twice as much)
             return torch.stack([F.layer_norm(xk, (self.dim,), wk, bk, self.eps) for xk, wk, bk in
                                 zip(x.unbind(0), self.weight.unbind(0), self.bias.unbind(0), strict=True)])
         shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (self.dim,)
