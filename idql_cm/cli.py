@@ -1,6 +1,6 @@
 """The ``idql-cm`` command.
 
-``idql-cm fit|validate|test --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
+``idql-cm fit|validate --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
 command, so this is the project's form of ``lightning fit --config``); ``idql-cm collect`` writes a
 D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports; ``idql-cm export`` writes
 a trained agent as one ONNX or TorchScript file (``idql_cm.export``).
@@ -19,7 +19,20 @@ from typing import Any
 
 from idql_cm.errors import ConfigError, IDQLError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: the LightningCLI subcommands offered: the modules have training and validation steps (validate runs the
+#: RolloutEvaluation callback on a checkpoint), no test or predict step, so Trainer.test / predict cannot run
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+AUX_COMMANDS = ("collect", "report", "export")
+
+_TOP_HELP = """usage: idql-cm <command> [options]   (idql-cm <command> --help lists a command's options)
+
+commands:
+  fit       train a stage (EDM, CD, CT or IQL) from a config: idql-cm fit --config cfg.yaml
+  validate  evaluate a checkpoint by rollouts: idql-cm validate --config cfg.yaml --ckpt_path ckpt
+  collect   write a D4RL-layout dataset from a MuJoCo environment
+  report    merge evaluation reports into one table
+  export    write a trained agent as one ONNX or TorchScript file
+"""
 
 
 def _debug() -> bool:
@@ -72,6 +85,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             raise ParserConfigError(message) from ex
 
     class IDQLCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
             self.parser_class = IDQLParser
             return super().init_parser(**kwargs)
@@ -139,9 +156,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             self._preflight()
 
         def before_validate(self) -> None:
-            self._preflight()
-
-        def before_test(self) -> None:
             self._preflight()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
@@ -300,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in ("collect", "report", "export"):
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_TOP_HELP, end="", file=sys.stdout if argv else sys.stderr)
+            return 0 if argv else 2
+        if argv[0] in AUX_COMMANDS:
             return _aux_main(argv)
         build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return 0

@@ -20,18 +20,25 @@ reporting, so a DDP evaluation equals a single-process one episode for episode (
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic
 from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, evaluate
+
+
+@rank_zero_only
+def _warn_line(message: str) -> None:
+    """One warning line in the run's log (Lightning's logger, shown whatever PYTHONWARNINGS says)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").warning(message)
 
 
 def env_choice(name: str | None, env_id: str, version: str) -> str:
@@ -170,7 +177,15 @@ class RolloutEvaluation(Callback):
 
     def preflight(self, pl_module, datamodule) -> None:
         """Check ``critic_ckpt`` against the data (sizes and observation normaliser) before any work; the CLI calls
-        this after instantiation, before ``fit`` / ``validate`` writes anything."""
+        this after instantiation, before ``fit`` / ``validate`` writes anything. Data that names no environment
+        (and no ``env_id`` set here) skips evaluation, said in one warning line, before any critic is asked for."""
+        if self.env_id is None and datamodule is not None and self._skip_reason is None:
+            env_id, task = datamodule.env_id, datamodule.task
+            if all(resolve_env_id(n, self.env_version) is None for n in (env_id, task)):
+                self._skip_reason = (f"RolloutEvaluation: skipping rollouts: the data names no environment "
+                                     f"(env_id={env_id!r}, task={task!r}); set RolloutEvaluation.env_id to evaluate")
+                _warn_line(self._skip_reason)
+                return
         if self.critic_ckpt is None:
             return
         path = str(self.critic_ckpt)
