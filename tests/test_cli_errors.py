@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 
 
 def _one_line_error(proc, *needles: str) -> str:

@@ -283,23 +283,43 @@ class RolloutEvaluation(Callback):
 
     @staticmethod
     def _gather(trainer, roll: dict[str, Any]) -> dict[str, Any]:
-        """All ranks' per-episode results, in rank order (= global episode order)."""
-        parts = [roll]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, roll)
-        out: dict[str, Any] = {"nfe": roll["nfe"], "env_id": roll["env_id"]}
-        for key in ("returns", "lengths", "unstable", "videos"):
-            out[key] = [x for p in parts for x in p.get(key, [])]
-        out["seconds"] = max(p.get("seconds", 0.0) for p in parts)
-        calls = sum(p.get("policy_calls", 0) for p in parts)
-        out["action_latency_ms"] = (sum(p.get("action_latency_ms", 0.0) * p.get("policy_calls", 0) for p in parts)
-                                    / calls if calls else float("nan"))
+        """All ranks' per-episode results, in rank order (= global episode order), gathered by torchmetrics'
+        CatMetric (its sync concatenates the ranks' states in rank order, uneven lengths and empty ranks included).
+        The values travel as float64 (exact for the Python floats and ints); the scalar reductions are done here, in
+        rank order, as before. Videos are recorded on rank 0 only and stay there."""
+        from torchmetrics.aggregation import CatMetric
+
+        device = trainer.strategy.root_device
+        per_rank = ("seconds", "policy_calls", "latency_sum", "env_steps", "num_envs", "seed")
+        calls = int(roll.get("policy_calls", 0))
+        seed = roll.get("seed")
+        local = {"returns": [float(x) for x in roll.get("returns", [])],
+                 "lengths": [float(x) for x in roll.get("lengths", [])],
+                 "unstable": [float(x) for x in roll.get("unstable", [])],
+                 "scalars": [float(roll.get("seconds", 0.0)), float(calls),
+                             float(roll.get("action_latency_ms", 0.0)) * calls, float(roll.get("env_steps", 0)),
+                             float(roll.get("num_envs", 0)), float("nan") if seed is None else float(seed)]}
+        gathered: dict[str, list[float]] = {}
+        for key, values in local.items():  # the same order on every rank: each compute() is one collective
+            metric = CatMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)  # .to() after would reset dtype
+            metric.update(torch.tensor(values, dtype=torch.float64, device=device))
+            value = metric.compute()
+            gathered[key] = value.cpu().tolist() if isinstance(value, torch.Tensor) else []
+        rows = [dict(zip(per_rank, gathered["scalars"][i:i + len(per_rank)], strict=True))
+                for i in range(0, len(gathered["scalars"]), len(per_rank))]
+        out: dict[str, Any] = {"nfe": roll["nfe"], "env_id": roll["env_id"], "returns": gathered["returns"],
+                               "lengths": [int(x) for x in gathered["lengths"]],
+                               "unstable": [bool(x) for x in gathered["unstable"]],
+                               "videos": list(roll.get("videos", []))}
+        out["seconds"] = max(p["seconds"] for p in rows)
+        calls = sum(int(p["policy_calls"]) for p in rows)
+        out["action_latency_ms"] = sum(p["latency_sum"] for p in rows) / calls if calls else float("nan")
         out["policy_calls"] = calls
-        out["env_steps"] = sum(p.get("env_steps", 0) for p in parts)
+        out["env_steps"] = sum(int(p["env_steps"]) for p in rows)
         out["env_steps_per_second"] = out["env_steps"] / out["seconds"] if out["seconds"] > 0 else float("nan")
-        out["num_envs"] = sum(p.get("num_envs", 0) for p in parts)
-        out["seed"] = parts[0].get("seed")
+        out["num_envs"] = sum(int(p["num_envs"]) for p in rows)
+        first_seed = rows[0]["seed"]
+        out["seed"] = None if first_seed != first_seed else int(first_seed)
         return out
 
     def _log_video(self, trainer, path: str, tag: str, step: int) -> None:
