@@ -311,6 +311,9 @@ def _aux_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from idql_cm.eval.rendering import configure_rendering
+
+    configure_rendering()  # once, before anything imports mujoco
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

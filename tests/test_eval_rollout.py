@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import gymnasium
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import IDQLAgent
+from idql_cm.eval.rendering import configure_rendering
 from idql_cm.eval.report import nfe_result
 from idql_cm.eval.rollout import evaluate
 
@@ -128,8 +130,17 @@ def test_agent_rollout_is_reproducible_and_checks_sizes():
 
 
 def test_records_the_first_episodes_as_mp4(tmp_path):
+    configure_rendering()  # what idql-cm does at start (this test process may not have rendered yet)
     res = evaluate(cheetah_policy, "HalfCheetah-v5", episodes=2, num_envs=2, max_episode_steps=4,
                    record_episodes=1, video_dir=str(tmp_path), video_prefix="t", render_size=(64, 64))
     assert res["videos"] == [str(tmp_path / "t_ep0.mp4")]
     data = (tmp_path / "t_ep0.mp4").read_bytes()
     assert len(data) > 0 and data[4:8] == b"ftyp"
+
+
+def test_evaluate_leaves_the_environment_alone(monkeypatch, tmp_path):
+    # the rendering backend is chosen once at process start (configure_rendering), not by a rollout
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    evaluate(cheetah_policy, "HalfCheetah-v5", episodes=1, num_envs=1, max_episode_steps=3, record_episodes=1,
+             video_dir=str(tmp_path), render_size=(32, 32))
+    assert "MUJOCO_GL" not in os.environ

@@ -172,8 +172,6 @@ class RolloutEvaluation(Callback):
         if self.env_id is not None and resolve_env_id(self.env_id, self.env_version) is None:
             raise ConfigError(f"RolloutEvaluation.env_id: {self.env_id!r} is neither a gymnasium environment id nor "
                               f"a known D4RL task (halfcheetah / hopper / walker2d)")
-        if self.record_video > 0:
-            os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco's renderer is first created
 
     def preflight(self, pl_module, datamodule) -> None:
         """Check ``critic_ckpt`` against the data (sizes and observation normaliser) before any work; the CLI calls

@@ -193,7 +193,8 @@ def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num
         max_episode_steps: the ``TimeLimit`` (1000 for D4RL locomotion).
         progress: a tqdm bar over finished episodes.
         record_episodes, video_dir, video_prefix, render_size: write the first ``record_episodes`` episodes as
-            ``{video_dir}/{video_prefix}_ep{i}.mp4`` (needs imageio-ffmpeg and a headless GL, ``MUJOCO_GL=egl``).
+            ``{video_dir}/{video_prefix}_ep{i}.mp4`` (needs imageio-ffmpeg and a headless GL, ``MUJOCO_GL=egl``: set at process start by
+            :func:`idql_cm.eval.rendering.configure_rendering`, which ``idql-cm`` calls).
 
     Returns:
         ``{"env_id", "nfe", "episodes", "num_envs", "seed", "returns": [float] * episodes, "lengths": [int],
@@ -206,9 +207,6 @@ def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num
                           f"num_envs={num_envs}")
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)
     n_envs = min(int(num_envs), episodes)
-    if record_episodes > 0:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # read by gymnasium's renderer when it is first created
-
     policy_device = getattr(agent_or_policy_fn, "device", None)
     if generator is None and policy_device is not None and not callable_only(agent_or_policy_fn):
         generator = torch.Generator(device=torch.device(policy_device)).manual_seed(seed)
