@@ -219,7 +219,7 @@ trainer.fit(model, DataLoader(TensorDataset(torch.randn(32, 17)), batch_size=4))
 if trainer.global_rank == 0:
     single = evaluate(model.eval_actor(), "HalfCheetah-v5", episodes=3, num_envs=2, seed=0, max_episode_steps=20)
     with open(os.path.join(out, "single.json"), "w") as f:
-        json.dump(single["returns"], f)
+        json.dump(single.returns, f)
 '''
 
 

@@ -32,7 +32,7 @@ from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic
 from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
-from idql_cm.eval.rollout import VECTOR_MODES, evaluate
+from idql_cm.eval.rollout import VECTOR_MODES, Rollout, evaluate
 
 
 @rank_zero_only
@@ -280,7 +280,7 @@ class RolloutEvaluation(Callback):
         return self._critic
 
     @staticmethod
-    def _gather(trainer, roll: dict[str, Any]) -> dict[str, Any]:
+    def _gather(trainer, roll: Rollout) -> Rollout:
         """All ranks' per-episode results, in rank order (= global episode order), gathered by torchmetrics'
         CatMetric (its sync concatenates the ranks' states in rank order, uneven lengths and empty ranks included).
         The values travel as float64 (exact for the Python floats and ints); the scalar reductions are done here, in
@@ -289,14 +289,12 @@ class RolloutEvaluation(Callback):
 
         device = trainer.strategy.root_device
         per_rank = ("seconds", "policy_calls", "latency_sum", "env_steps", "num_envs", "seed")
-        calls = int(roll.get("policy_calls", 0))
-        seed = roll.get("seed")
-        local = {"returns": [float(x) for x in roll.get("returns", [])],
-                 "lengths": [float(x) for x in roll.get("lengths", [])],
-                 "unstable": [float(x) for x in roll.get("unstable", [])],
-                 "scalars": [float(roll.get("seconds", 0.0)), float(calls),
-                             float(roll.get("action_latency_ms", 0.0)) * calls, float(roll.get("env_steps", 0)),
-                             float(roll.get("num_envs", 0)), float("nan") if seed is None else float(seed)]}
+        local = {"returns": [float(x) for x in roll.returns], "lengths": [float(x) for x in roll.lengths],
+                 "unstable": [float(x) for x in roll.unstable],
+                 "scalars": [float(roll.seconds), float(roll.policy_calls),
+                             float(roll.action_latency_ms) * roll.policy_calls if roll.policy_calls else 0.0,
+                             float(roll.env_steps), float(roll.num_envs),
+                             float("nan") if roll.seed is None else float(roll.seed)]}
         gathered: dict[str, list[float]] = {}
         for key, values in local.items():  # the same order on every rank: each compute() is one collective
             metric = CatMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)  # .to() after would reset dtype
@@ -305,20 +303,20 @@ class RolloutEvaluation(Callback):
             gathered[key] = value.cpu().tolist() if isinstance(value, torch.Tensor) else []
         rows = [dict(zip(per_rank, gathered["scalars"][i:i + len(per_rank)], strict=True))
                 for i in range(0, len(gathered["scalars"]), len(per_rank))]
-        out: dict[str, Any] = {"nfe": roll["nfe"], "env_id": roll["env_id"], "returns": gathered["returns"],
-                               "lengths": [int(x) for x in gathered["lengths"]],
-                               "unstable": [bool(x) for x in gathered["unstable"]],
-                               "videos": list(roll.get("videos", []))}
-        out["seconds"] = max(p["seconds"] for p in rows)
+        seconds = max(p["seconds"] for p in rows)
         calls = sum(int(p["policy_calls"]) for p in rows)
-        out["action_latency_ms"] = sum(p["latency_sum"] for p in rows) / calls if calls else float("nan")
-        out["policy_calls"] = calls
-        out["env_steps"] = sum(int(p["env_steps"]) for p in rows)
-        out["env_steps_per_second"] = out["env_steps"] / out["seconds"] if out["seconds"] > 0 else float("nan")
-        out["num_envs"] = sum(int(p["num_envs"]) for p in rows)
+        env_steps = sum(int(p["env_steps"]) for p in rows)
+        unstable = [bool(x) for x in gathered["unstable"]]
         first_seed = rows[0]["seed"]
-        out["seed"] = None if first_seed != first_seed else int(first_seed)
-        return out
+        return Rollout(env_id=roll.env_id, nfe=roll.nfe, episodes=len(gathered["returns"]),
+                       num_envs=sum(int(p["num_envs"]) for p in rows),
+                       seed=None if first_seed != first_seed else int(first_seed),
+                       returns=gathered["returns"], lengths=[int(x) for x in gathered["lengths"]], unstable=unstable,
+                       unstable_episodes=sum(unstable), seconds=seconds,
+                       action_latency_ms=sum(p["latency_sum"] for p in rows) / calls if calls else float("nan"),
+                       policy_calls=calls, env_steps=env_steps,
+                       env_steps_per_second=env_steps / seconds if seconds > 0 else float("nan"),
+                       videos=list(roll.videos))
 
     def _log_video(self, trainer, path: str, tag: str, step: int) -> None:
         rank_zero_info(f"RolloutEvaluation: video {path}")
@@ -380,7 +378,7 @@ class RolloutEvaluation(Callback):
                                         video_dir=video_dir, video_prefix=f"step{step}_nfe{k}",
                                         desc=f"eval step {step} NFE {k}")
                     else:  # more ranks than episodes
-                        roll = {"nfe": k, "env_id": env_id, "returns": [], "seconds": 0.0}
+                        roll = Rollout(env_id=env_id, nfe=k)
                     gathered = self._gather(trainer, roll)
                     if rank == 0:
                         results.append(nfe_result(gathered, task))
