@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch import Callback
@@ -33,6 +33,31 @@ from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, Rollout, evaluate
+
+
+class EvalActor(Protocol):
+    """What the callback reads of ``pl_module.eval_actor()`` (``idql_cm.checkpoint.Actor``): sizes, the data it
+    was trained on (``obs_mean`` may be None: nothing to compare), and ``sample``."""
+
+    kind: str
+    act_dim: int
+    env_id: str | None
+    task: str | None
+    obs_mean: torch.Tensor | None
+
+    @property
+    def obs_dim(self) -> int: ...
+
+
+class EvalCritic(Protocol):
+    """What the callback reads of a loaded critic (``idql_cm.checkpoint.Critic``) besides ``advantage``."""
+
+    act_dim: int
+    task: str | None
+    obs_mean: torch.Tensor | None
+
+    @property
+    def obs_dim(self) -> int: ...
 
 
 @rank_zero_only
@@ -76,11 +101,11 @@ def resolve_env_id(name: str | None, version: str = D4RL_ENV_VERSION) -> str | N
     return name if registered else None
 
 
-def _check_critic(path: str, critic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
+def _check_critic(path: str, critic: EvalCritic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
     """Refuse an IQL critic trained on other data than the policy (other sizes, or another observation normaliser):
     its advantages would rank the candidates by another task's values. A CheckpointError names both sides."""
-    trained = DataFacts(int(critic.obs_dim), int(critic.act_dim), getattr(critic, "obs_mean", None),
-                        dataset=getattr(critic, "task", None))
+    trained = DataFacts(int(critic.obs_dim), int(critic.act_dim), critic.obs_mean,
+                        dataset=critic.task)
     check_fits_data(trained, DataFacts(obs_dim, act_dim, obs_mean, dataset=dataset), "RolloutEvaluation.critic_ckpt",
                     path)
 
@@ -205,12 +230,12 @@ class RolloutEvaluation(Callback):
             self._check_pair(actor, critic)
             IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)  # size check
 
-    def _check_pair(self, actor, critic) -> None:
+    def _check_pair(self, actor: EvalActor, critic: EvalCritic | None) -> None:
         """The critic must come from the actor's dataset: same sizes and observation normaliser."""
         if critic is None:
             return
         _check_critic(str(self.critic_ckpt), critic, int(actor.obs_dim), int(actor.act_dim),
-                      getattr(actor, "obs_mean", None), getattr(actor, "task", None))
+                      actor.obs_mean, actor.task)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._ckpt_step = checkpoint.get("global_step")
@@ -247,7 +272,7 @@ class RolloutEvaluation(Callback):
                               f"found {type(pl_module).__name__}")
         return pl_module.eval_actor()
 
-    def _env_for(self, actor) -> tuple[str, str] | None:
+    def _env_for(self, actor: EvalActor) -> tuple[str, str] | None:
         """``(gymnasium id, why that one)`` to evaluate in, or None after announcing (once) why evaluation is
         skipped."""
         if self._skip_reason is not None:
@@ -255,7 +280,7 @@ class RolloutEvaluation(Callback):
         if self.env_id is not None:
             resolved = resolve_env_id(self.env_id, self.env_version)
             return resolved, env_choice(self.env_id, resolved, self.env_version)
-        env_id, task = getattr(actor, "env_id", None), getattr(actor, "task", None)
+        env_id, task = actor.env_id, actor.task
         for name in (env_id, task):
             resolved = resolve_env_id(name, self.env_version)
             if resolved is not None:
@@ -356,7 +381,7 @@ class RolloutEvaluation(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
         log_dir = str(log_dir or trainer.default_root_dir)
         video_dir = os.path.join(log_dir, "videos")
-        task = getattr(actor, "task", None) or getattr(actor, "env_id", None) or self.env_id
+        task = actor.task or actor.env_id or self.env_id
         if critic is None and not self._bc_announced:
             self._bc_announced = True
             rank_zero_info("RolloutEvaluation: no critic_ckpt: evaluating the behaviour policy alone "
@@ -388,7 +413,7 @@ class RolloutEvaluation(Callback):
             return None
 
         report = build_report(
-            results, task=task, env_id=env_id, backbone=getattr(actor, "kind", None), step=int(step),
+            results, task=task, env_id=env_id, backbone=actor.kind, step=int(step),
             critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
             temperature=self.temperature, num_candidates=self.num_candidates,
             env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
