@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from idql_cm.errors import ConfigError, IDQLError
 
@@ -33,6 +33,27 @@ commands:
   report    merge evaluation reports into one table
   export    write a trained agent as one ONNX or TorchScript file
 """
+
+
+@runtime_checkable
+class ChecksTrainer(Protocol):
+    """A module that refuses Trainer settings it cannot honour (before ``fit`` writes anything)."""
+
+    def check_trainer(self, trainer) -> None: ...
+
+
+@runtime_checkable
+class ModulePreflight(Protocol):
+    """A module that checks its partner files (CD teacher) against the data before any work."""
+
+    def preflight(self, datamodule) -> None: ...
+
+
+@runtime_checkable
+class CallbackPreflight(Protocol):
+    """A callback that checks its files (RolloutEvaluation's critic) against the data before any work."""
+
+    def preflight(self, pl_module, datamodule) -> None: ...
 
 
 def _debug() -> bool:
@@ -85,6 +106,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             raise ParserConfigError(message) from ex
 
     class IDQLCLI(LightningCLI):
+        _ckpt_meta: dict | None = None  # the --ckpt_path file's idql_cm payload, read by _parse_ckpt_path
+
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
             return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
@@ -134,14 +157,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not isinstance(dm, TDDataModule):
                 return
             dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
-            if callable(getattr(self.model, "check_trainer", None)) and self.subcommand == "fit":
+            if isinstance(self.model, ChecksTrainer) and self.subcommand == "fit":
                 self.model.check_trainer(self.trainer)
-            if callable(getattr(self.model, "preflight", None)):
+            if isinstance(self.model, ModulePreflight):
                 self.model.preflight(dm)
             for cb in self.trainer.callbacks:
-                if callable(getattr(cb, "preflight", None)):
+                if isinstance(cb, CallbackPreflight):
                     cb.preflight(self.model, dm)
-            meta = getattr(self, "_ckpt_meta", None)
+            meta = self._ckpt_meta
             if meta is not None:
                 from idql_cm.checkpoint import DataFacts, check_fits_data
 
