@@ -14,9 +14,9 @@ from benchmarks.harness import ACT_DIM, ACTOR_KINDS, NFES, OBS_DIM, make_module,
 
 def random_actor_and_critic(kind: str, cfg: dict[str, Any]):
     """An actor of ``kind`` and a critic at the benchmark's net sizes, random weights (time, not quality)."""
+    from idql_cm.checkpoint import Actor, Critic
     from idql_cm.diffusion.consistency import ConsistencyModel
     from idql_cm.diffusion.edm import EDMDenoiser
-    from idql_cm.checkpoint import Actor, Critic
     from idql_cm.nets.critics import TwinQ, ValueNet
     from idql_cm.nets.mlp import IDQLMlp
 
@@ -85,9 +85,9 @@ def bench_eval(cfg: dict[str, Any], log=print) -> dict[str, Any]:
         vec.step(rng.uniform(-1, 1, size=(cfg["eval_envs"], ACT_DIM)).astype(np.float32))
     env_only = steps * cfg["eval_envs"] / (time.perf_counter() - t0)
     vec.close()
-    out = {"env_steps_per_s": res["env_steps_per_second"], "env_steps": res["env_steps"], "seconds": res["seconds"],
-           "action_latency_ms": res["action_latency_ms"], "policy_calls": res["policy_calls"],
+    out = {"env_steps_per_s": res.env_steps_per_second, "env_steps": res.env_steps, "seconds": res.seconds,
+           "action_latency_ms": res.action_latency_ms, "policy_calls": res.policy_calls,
            "env_only_steps_per_s": env_only}
-    log(f"  evaluate: {out['env_steps_per_s']:.0f} env steps/s ({res['env_steps']} steps in {res['seconds']:.2f} s, "
+    log(f"  evaluate: {out['env_steps_per_s']:.0f} env steps/s ({res.env_steps} steps in {res.seconds:.2f} s, "
         f"{out['action_latency_ms']:.2f} ms per action call); env alone {env_only:.0f} steps/s")
     return out

@@ -1,6 +1,6 @@
 """The ``idql-cm`` command.
 
-``idql-cm fit|validate|test --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
+``idql-cm fit|validate --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
 command, so this is the project's form of ``lightning fit --config``); ``idql-cm collect`` writes a
 D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports; ``idql-cm export`` writes
 a trained agent as one ONNX or TorchScript file (``idql_cm.export``).
@@ -15,11 +15,45 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from idql_cm.errors import ConfigError, IDQLError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: the LightningCLI subcommands offered: the modules have training and validation steps (validate runs the
+#: RolloutEvaluation callback on a checkpoint), no test or predict step, so Trainer.test / predict cannot run
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+AUX_COMMANDS = ("collect", "report", "export")
+
+_TOP_HELP = """usage: idql-cm <command> [options]   (idql-cm <command> --help lists a command's options)
+
+commands:
+  fit       train a stage (EDM, CD, CT or IQL) from a config: idql-cm fit --config cfg.yaml
+  validate  evaluate a checkpoint by rollouts: idql-cm validate --config cfg.yaml --ckpt_path ckpt
+  collect   write a D4RL-layout dataset from a MuJoCo environment
+  report    merge evaluation reports into one table
+  export    write a trained agent as one ONNX or TorchScript file
+"""
+
+
+@runtime_checkable
+class ChecksTrainer(Protocol):
+    """A module that refuses Trainer settings it cannot honour (before ``fit`` writes anything)."""
+
+    def check_trainer(self, trainer) -> None: ...
+
+
+@runtime_checkable
+class ModulePreflight(Protocol):
+    """A module that checks its partner files (CD teacher) against the data before any work."""
+
+    def preflight(self, datamodule) -> None: ...
+
+
+@runtime_checkable
+class CallbackPreflight(Protocol):
+    """A callback that checks its files (RolloutEvaluation's critic) against the data before any work."""
+
+    def preflight(self, pl_module, datamodule) -> None: ...
 
 
 def _debug() -> bool:
@@ -72,6 +106,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             raise ParserConfigError(message) from ex
 
     class IDQLCLI(LightningCLI):
+        _ckpt_meta: dict | None = None  # the --ckpt_path file's idql_cm payload, read by _parse_ckpt_path
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
             self.parser_class = IDQLParser
             return super().init_parser(**kwargs)
@@ -117,14 +157,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not isinstance(dm, TDDataModule):
                 return
             dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
-            if callable(getattr(self.model, "check_trainer", None)) and self.subcommand == "fit":
+            if isinstance(self.model, ChecksTrainer) and self.subcommand == "fit":
                 self.model.check_trainer(self.trainer)
-            if callable(getattr(self.model, "preflight", None)):
+            if isinstance(self.model, ModulePreflight):
                 self.model.preflight(dm)
             for cb in self.trainer.callbacks:
-                if callable(getattr(cb, "preflight", None)):
+                if isinstance(cb, CallbackPreflight):
                     cb.preflight(self.model, dm)
-            meta = getattr(self, "_ckpt_meta", None)
+            meta = self._ckpt_meta
             if meta is not None:
                 from idql_cm.checkpoint import DataFacts, check_fits_data
 
@@ -139,9 +179,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             self._preflight()
 
         def before_validate(self) -> None:
-            self._preflight()
-
-        def before_test(self) -> None:
             self._preflight()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
@@ -297,10 +334,16 @@ def _aux_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from idql_cm.eval.rendering import configure_rendering
+
+    configure_rendering()  # once, before anything imports mujoco
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in ("collect", "report", "export"):
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_TOP_HELP, end="", file=sys.stdout if argv else sys.stderr)
+            return 0 if argv else 2
+        if argv[0] in AUX_COMMANDS:
             return _aux_main(argv)
         build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return 0

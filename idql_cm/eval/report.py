@@ -70,14 +70,16 @@ def _score_task(task: str | None, env_id: str | None) -> str | None:
     return None
 
 
-def nfe_result(rollout: dict[str, Any], task: str | None = None) -> dict[str, Any]:
-    """The per-NFE result of one :func:`~idql_cm.eval.rollout.evaluate` call.
+def nfe_result(rollout, task: str | None = None) -> dict[str, Any]:
+    """The per-NFE result of one :func:`~idql_cm.eval.rollout.evaluate` call (a ``Rollout``, or its ``to_dict()``).
 
     Normalised scores (D4RL, ×100) are computed when ``task`` or the rollout's ``env_id`` names a known family
     (halfcheetah / hopper / walker2d); otherwise they are ``None``. Means and SEs skip unstable episodes.
     """
     from idql_cm.data.scores import normalized_score
 
+    if not isinstance(rollout, dict):
+        rollout = rollout.to_dict()
     returns = [float(r) for r in rollout["returns"]]
     unstable = [bool(u) for u in rollout.get("unstable", [False] * len(returns))]
     counted = [r for r, u in zip(returns, unstable, strict=True) if not u]
