@@ -72,10 +72,10 @@ class BareLoop:
     """
 
     def __init__(self, module, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], total_steps: int):
+        from idql_cm.checkpoint import state_prefix
         from idql_cm.diffusion.consistency import ConsistencyModel
         from idql_cm.diffusion.edm import EDMDenoiser
         from idql_cm.diffusion.schedules import karras_sigmas
-        from idql_cm.checkpoint import state_prefix
         from idql_cm.modules.behaviour import net_kwargs
         from idql_cm.modules.common import cosine_or_constant, make_optimizer
         from idql_cm.nets.critics import TwinQ, ValueNet

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from idql_cm.diffusion import karras_sigmas
 from idql_cm.nets.ema import EMAWarmup
 from tests.cli_utils import CONFIGS, shrink_config
-from idql_cm.data.synthetic import write_d4rl_file
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}}
 

@@ -20,12 +20,12 @@ import torch
 from idql_cm import load_actor, load_agent, load_exported
 from idql_cm.checkpoint import load_policy
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.eval.agent import sample_actions, select_candidates
 from idql_cm.export.exporter import TOLERANCE, export_agent
 from idql_cm.fileio import file_sha256
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
-from idql_cm.data.synthetic import write_d4rl_file
 
 OBS_DIM, ACT_DIM, N = 17, 6, 8
 

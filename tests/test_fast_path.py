@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from idql_cm.cli import main
-from tests.cli_utils import CONFIGS, shrink_config
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import CONFIGS, shrink_config
 
 
 @pytest.mark.slow

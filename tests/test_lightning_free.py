@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from idql_cm.cli import main
-from tests.cli_utils import CONFIGS, REPO, shrink_config
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import CONFIGS, REPO, shrink_config
 
 OBS_DIM, ACT_DIM = 17, 6
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.cli_utils import REPO
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import REPO
 
 TINY = ["--set", "trainer.log_every_n_steps=1", "--set", "data.batch_size=16", "--set", "eval.episodes=2", "--set", "eval.num_envs=2",
         "--set", "eval.num_candidates=4", "--set", "eval.max_episode_steps=10", "--set", "eval.progress=false",

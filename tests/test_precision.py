@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from idql_cm.cli import main
-from tests.cli_utils import CONFIGS, shrink_config
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import CONFIGS, shrink_config
 
 
 def _fit_iql(tmp_path, dataset: str, precision: str) -> dict:

@@ -36,8 +36,8 @@ import torch
 import yaml
 
 from idql_cm.cli import main
-from tests.cli_utils import CONFIGS, REPO, run_cli_subprocess, shrink_config
 from idql_cm.data.synthetic import make_d4rl_arrays, write_arrays, write_d4rl_file
+from tests.cli_utils import CONFIGS, REPO, run_cli_subprocess, shrink_config
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2}}
 

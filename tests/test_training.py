@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from idql_cm.cli import main
-from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 from idql_cm.data.synthetic import write_d4rl_file
+from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.1}}
 
