@@ -30,10 +30,10 @@ test-fast: $(STAMP)
 	@$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	@$(BIN)/ruff check idql_cm tests scripts
+	@$(BIN)/ruff check idql_cm tests scripts benchmarks
 
 bench: $(STAMP)
-	@$(BIN)/python scripts/bench.py --out benchmarks/results.json
+	@$(BIN)/python -m benchmarks --out benchmarks/results.json
 
 quality: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality

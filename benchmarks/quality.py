@@ -241,7 +241,7 @@ SAMPLERS = {
 
 def toy_samples(ckpt: Path, toy, nfe: int, sampler: dict[str, Any], n: int, seed: int) -> list[np.ndarray]:
     """``n`` actions per condition from the checkpoint's EMA policy at ``nfe``, with ``sampler`` settings replacing
-    the checkpoint's (fields of ``idql_cm.modules.artifacts.Actor``)."""
+    the checkpoint's (fields of ``idql_cm.checkpoint.Actor``)."""
     import dataclasses
 
     import torch

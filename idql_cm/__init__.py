@@ -10,7 +10,7 @@ Inference API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from idql_cm._version import __version__
 
 __all__ = ["__version__", "load_actor", "load_agent", "load_exported"]
 

@@ -1,6 +1,6 @@
 """The ``idql-cm`` command.
 
-``idql-cm fit|validate|test --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
+``idql-cm fit|validate --config cfg.yaml`` is LightningCLI (Lightning 2.6 ships no ``lightning``
 command, so this is the project's form of ``lightning fit --config``); ``idql-cm collect`` writes a
 D4RL-layout dataset from a MuJoCo env; ``idql-cm report`` merges evaluation reports; ``idql-cm export`` writes
 a trained agent as one ONNX or TorchScript file (``idql_cm.export``).
@@ -15,11 +15,45 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from idql_cm.errors import ConfigError, IDQLError
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: the LightningCLI subcommands offered: the modules have training and validation steps (validate runs the
+#: RolloutEvaluation callback on a checkpoint), no test or predict step, so Trainer.test / predict cannot run
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+AUX_COMMANDS = ("collect", "report", "export")
+
+_TOP_HELP = """usage: idql-cm <command> [options]   (idql-cm <command> --help lists a command's options)
+
+commands:
+  fit       train a stage (EDM, CD, CT or IQL) from a config: idql-cm fit --config cfg.yaml
+  validate  evaluate a checkpoint by rollouts: idql-cm validate --config cfg.yaml --ckpt_path ckpt
+  collect   write a D4RL-layout dataset from a MuJoCo environment
+  report    merge evaluation reports into one table
+  export    write a trained agent as one ONNX or TorchScript file
+"""
+
+
+@runtime_checkable
+class ChecksTrainer(Protocol):
+    """A module that refuses Trainer settings it cannot honour (before ``fit`` writes anything)."""
+
+    def check_trainer(self, trainer) -> None: ...
+
+
+@runtime_checkable
+class ModulePreflight(Protocol):
+    """A module that checks its partner files (CD teacher) against the data before any work."""
+
+    def preflight(self, datamodule) -> None: ...
+
+
+@runtime_checkable
+class CallbackPreflight(Protocol):
+    """A callback that checks its files (RolloutEvaluation's critic) against the data before any work."""
+
+    def preflight(self, pl_module, datamodule) -> None: ...
 
 
 def _debug() -> bool:
@@ -72,6 +106,12 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             raise ParserConfigError(message) from ex
 
     class IDQLCLI(LightningCLI):
+        _ckpt_meta: dict | None = None  # the --ckpt_path file's idql_cm payload, read by _parse_ckpt_path
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
         def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
             self.parser_class = IDQLParser
             return super().init_parser(**kwargs)
@@ -102,7 +142,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             cfg = self.config.get(sub) if sub else None
             ckpt = cfg.get("ckpt_path") if cfg is not None else None
             if ckpt and ckpt not in ("last", "best", "hpc", "registry"):
-                from idql_cm.modules.artifacts import read_checkpoint
+                from idql_cm.checkpoint import read_checkpoint
 
                 model = cfg.get("model")
                 kind = _kind_of(str(getattr(model, "class_path", model)))
@@ -117,30 +157,28 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if not isinstance(dm, TDDataModule):
                 return
             dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
-            if callable(getattr(self.model, "check_trainer", None)) and self.subcommand == "fit":
+            if isinstance(self.model, ChecksTrainer) and self.subcommand == "fit":
                 self.model.check_trainer(self.trainer)
-            if callable(getattr(self.model, "preflight", None)):
+            if isinstance(self.model, ModulePreflight):
                 self.model.preflight(dm)
             for cb in self.trainer.callbacks:
-                if callable(getattr(cb, "preflight", None)):
+                if isinstance(cb, CallbackPreflight):
                     cb.preflight(self.model, dm)
-            meta = getattr(self, "_ckpt_meta", None)
+            meta = self._ckpt_meta
             if meta is not None:
-                from idql_cm.modules.artifacts import check_fits_data
+                from idql_cm.checkpoint import DataFacts, check_fits_data
 
                 fitting = self.subcommand == "fit"
                 norm = dm.normalizer
-                check_fits_data(meta, "--ckpt_path", str(self.config[self.subcommand].get("ckpt_path")),
-                                int(dm.obs_dim), int(dm.act_dim), torch.as_tensor(norm.mean) if fitting else None,
-                                torch.as_tensor(norm.std) if fitting else None, str(dm.dataset))
+                data = DataFacts(int(dm.obs_dim), int(dm.act_dim), norm.mean if fitting else None,
+                                 norm.std if fitting else None, str(dm.dataset))
+                check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path",
+                                str(self.config[self.subcommand].get("ckpt_path")))
 
         def before_fit(self) -> None:
             self._preflight()
 
         def before_validate(self) -> None:
-            self._preflight()
-
-        def before_test(self) -> None:
             self._preflight()
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
@@ -162,7 +200,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             plugins = config.get("plugins")
             plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             if not any(isinstance(p, CheckpointIO) for p in plugins):
-                from idql_cm.modules.artifacts import AtomicCheckpointIO
+                from idql_cm.modules.checkpoint_io import AtomicCheckpointIO
 
                 # A kill or power cut during a save must not leave a truncated last.ckpt (see AtomicCheckpointIO).
                 plugins.append(AtomicCheckpointIO())
@@ -296,10 +334,16 @@ def _aux_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from idql_cm.eval.rendering import configure_rendering
+
+    configure_rendering()  # once, before anything imports mujoco
     from_shell = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in ("collect", "report", "export"):
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_TOP_HELP, end="", file=sys.stdout if argv else sys.stderr)
+            return 0 if argv else 2
+        if argv[0] in AUX_COMMANDS:
             return _aux_main(argv)
         build_cli(None if from_shell else argv)  # None: LightningCLI reads sys.argv itself
         return 0

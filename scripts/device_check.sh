@@ -2,7 +2,7 @@
 # The GPU measurements of the performance issue in one command, for a machine lent through the device tool
 # (one CUDA GPU, a CUDA torch and lightning already installed, no package index). Writes into $OUT:
 #   gpu.txt          the machine: GPU, driver, torch, lightning
-#   bench_cuda.json  scripts/bench.py --device cuda: Lightning vs bare loop per module (bf16-mixed, fused_steps 8
+#   bench_cuda.json  python -m benchmarks --device cuda: Lightning vs bare loop per module (bf16-mixed, fused_steps 8
 #                    and 1), CT with compile: true, host syncs per step, sampling, IDQL action selection
 #   bench_cuda.log   its output
 #   fast_path.log    the eager-vs-compile equivalence tests, on the GPU
@@ -23,7 +23,7 @@ PY=${PYTHON:-python3}
 
 only=train,sampler,action
 if "$PY" -c 'import gymnasium, mujoco' >/dev/null 2>&1; then only=$only,eval; fi
-timeout 420 "$PY" scripts/bench.py --device cuda --only "$only" --out "$OUT/bench_cuda.json" 2>&1 \
+timeout 420 "$PY" -m benchmarks --device cuda --only "$only" --out "$OUT/bench_cuda.json" 2>&1 \
   | tee "$OUT/bench_cuda.log"
 rc=${PIPESTATUS[0]}
 

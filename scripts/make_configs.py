@@ -40,7 +40,8 @@ trainer:
         every_n_train_steps: {ckpt_every}   # a checkpoint every {ckpt_every} steps plus checkpoints/last.ckpt
         save_last: true
         save_top_k: -1
-        filename: "step{{step}}"
+        filename: "step={{step}}"
+        auto_insert_metric_name: false   # the name as written: step=5000.ckpt (true: Lightning adds "step=" itself)
     - class_path: idql_cm.modules.callbacks.StepProgressBar   # counts gradient steps (fused_steps per iteration)
       init_args:
         refresh_rate: 200

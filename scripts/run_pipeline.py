@@ -171,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_dataset(task: str) -> None:
-    """Stop at once, with the data layer's message, when the D4RL file is missing."""
-    from idql_cm.data.d4rl import resolve_source
+    """Stop at once, before any training, with the data layer's one-line message when the dataset is missing,
+    is not HDF5, lacks the D4RL keys or has keys of unequal lengths (the reader's own checks, on the whole file)."""
+    from idql_cm.data.d4rl import load_d4rl
     from idql_cm.errors import IDQLError
 
     try:
-        resolve_source(task)
+        load_d4rl(task)
     except IDQLError as e:
         sys.exit(f"idql-cm: error: {e}")
 

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark script: ``scripts/bench.py --quick`` runs end to end and writes every key.
+"""Smoke test of the benchmarks: ``python -m benchmarks --quick`` (what ``make bench`` runs, at tiny sizes) runs end
+to end and writes every key, the exported agent's included.
 
 A benchmark, not a timed test: values are only checked to be present, finite and positive, never against a
 threshold (CI machines are shared and their speed varies).
@@ -21,7 +22,7 @@ def _positive(x) -> bool:
 
 def test_bench_quick_writes_every_key(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -35,6 +36,12 @@ def test_bench_quick_writes_every_key(tmp_path):
         for nfe in (1, 2, 4):
             assert _positive(res["action_ms"][kind][f"nfe{nfe}"]), (kind, nfe)
     assert _positive(res["eval_env_steps_per_s"])
+    export = res["export"]["ms_per_decision"]
+    assert set(export) == {"b1", "b4", "b1_1thread"}  # the quick sizes: 1 and 4 states, and 1 with one thread
+    for rows in export.values():
+        for nfe in (1, 2, 4):
+            for runtime in ("onnxruntime", "torchscript", "eager", "onnxruntime_speedup_vs_eager"):
+                assert _positive(rows[f"nfe{nfe}"][runtime]), (nfe, runtime)
 
     machine = res["machine"]
     for key in ("cpu", "cores", "torch"):
@@ -43,4 +50,4 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert res["date"]
     assert res["settings"]["quick"] is True
     # the table is printed
-    assert "Lightning steps/s" in proc.stdout and "batches/s" in proc.stdout
+    assert "Lightning steps/s" in proc.stdout and "batches/s" in proc.stdout and "exported agent" in proc.stdout

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
-from tests.synth import write_d4rl_file
 
 
 def _one_line_error(proc, *needles: str) -> str:
@@ -93,3 +93,33 @@ def test_automatic_optimisation_flags_are_refused_before_anything_is_written(fla
     proc = run_cli_subprocess(["fit", "--config", str(cfg), f"--trainer.{flag}", value])
     _one_line_error(proc, f"trainer.{flag}", "manual optimisation", value)
     assert not (tmp_path / "ct").exists()
+
+
+def test_help_lists_every_command():
+    proc = run_cli_subprocess(["--help"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed = [ln.split()[0] for ln in proc.stdout.splitlines() if ln.startswith("  ")]
+    assert listed == ["fit", "validate", "collect", "report", "export"], proc.stdout
+
+
+@pytest.mark.parametrize("sub", ["predict", "test"])
+def test_subcommands_that_cannot_run_are_not_offered(sub, tmp_path):
+    # Trainer.predict / test need a predict_step / test_step the modules do not have: refused by the parser
+    proc = run_cli_subprocess([sub, "--config", str(CONFIGS / "demo" / "ct.yaml"),
+                               "--trainer.default_root_dir", str(tmp_path / "run")])
+    line = _one_line_error(proc, repr(sub), "fit", "validate")
+    assert "Misconfiguration" not in proc.stderr and "predict'" not in line.split("choose from")[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_without_environment_trains_and_skips_evaluation_before_asking_for_a_critic(dataset, tmp_path):
+    # the shipped CT config names a critic checkpoint that does not exist here; the data names no environment
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", dataset, steps=2,
+                        eval_args={"critic_ckpt": str(tmp_path / "no_iql" / "last.ckpt")})
+    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    skips = [ln for ln in out.splitlines() if "RolloutEvaluation" in ln]
+    assert len(skips) == 1 and "skipping rollouts" in skips[0] and "no environment" in skips[0], skips
+    assert (tmp_path / "ct" / "checkpoints" / "last.ckpt").is_file()
+    assert not list(tmp_path.rglob("eval_report*"))

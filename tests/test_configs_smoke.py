@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
-from tests.synth import write_d4rl_file
 
 SHAPES = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
 TASK_DIRS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "demo")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from idql_cm.diffusion import karras_sigmas
 from idql_cm.nets.ema import EMAWarmup
 from tests.cli_utils import CONFIGS, shrink_config
-from tests.synth import write_d4rl_file
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}}
 
@@ -78,7 +78,7 @@ def test_cd_single_ema_is_the_reference_layout(data_and_teacher, tmp_path):
 def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher, tmp_path):
     """A CD checkpoint records its 18-interval grid and a CT one its last curriculum grid; ``load_policy`` and the
     training module's ``eval_actor`` re-noise on it (``renoise: karras`` turns it off)."""
-    from idql_cm.modules.artifacts import load_policy
+    from idql_cm.checkpoint import load_policy
 
     dataset, teacher = data_and_teacher
     cd = _fit("cd", tmp_path, dataset, 2, "cdg", teacher_ckpt=str(teacher))

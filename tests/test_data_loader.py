@@ -18,8 +18,8 @@ from idql_cm.data.d4rl import (
     resolve_source,
 )
 from idql_cm.data.scores import REF_SCORES, gym_env_id, normalized_score, task_family
+from idql_cm.data.synthetic import make_d4rl_arrays, write_arrays, write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
-from tests.synth import make_d4rl_arrays, write_arrays, write_d4rl_file
 
 KEYS = ("observations", "actions", "next_observations", "rewards", "terminals")
 

@@ -232,8 +232,10 @@ def test_cm_sampler_renoises_on_the_training_grid(nfe, seen):
 def test_cm_sampler_refuses_more_levels_than_the_training_grid_has():
     cm = ConsistencyModel(small_net()).eval()
     sampling_sigmas(cm, 4, karras_sigmas(4))  # exactly the grid
-    with pytest.raises(ConfigError, match="nfe ≤ 4 distinct levels of the 4-interval training grid, found nfe=6"):
+    with pytest.raises(ConfigError) as e:
         sampling_sigmas(cm, 6, karras_sigmas(4))
+    msg = str(e.value)  # the parts that matter, not the sentence: expected, found, where
+    assert "≤ 4" in msg and "found nfe=6" in msg and "4-interval training grid" in msg
 
 
 def test_snap_to_grid_is_nearest_in_log_sigma():
@@ -333,8 +335,10 @@ def test_cd_accepts_compatible_teacher_and_state_dict_shapes_are_compared():
     check_teacher_compatible(model, teacher)
     del teacher.net.config  # networks without a config are compared by their state-dict shapes
     teacher.net.out[1] = torch.nn.Linear(16, ACT, bias=False)
-    with pytest.raises(ConfigError, match="out.1.bias: consistency model \\(2,\\), teacher None"):
+    with pytest.raises(ConfigError) as e:
         check_teacher_compatible(model, teacher)
+    msg = str(e.value)  # where (the parameter), the model's shape, the teacher's
+    assert "out.1.bias" in msg and "(2,)" in msg and "None" in msg
 
 
 @pytest.mark.parametrize("solver, weighting", [("euler", "inverse_delta"), ("heun", "inverse_delta"),

@@ -25,6 +25,7 @@ class LinearActor:
     def __init__(self, module, env_id="HalfCheetah-v5", task=None):
         self.module, self.env_id, self.task = module, env_id, task
         self.obs_dim, self.act_dim, self.device = 17, 6, torch.device("cpu")
+        self.obs_mean = None  # no normaliser to compare
 
     def sample(self, obs, nfe, generator=None):
         self.module.seen_training.append(self.module.training)
@@ -65,6 +66,7 @@ def trainer(tmp_path, cb, max_steps=4):
 class FakeCritic:
     def __init__(self, obs_dim=17, act_dim=6):
         self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.obs_mean, self.task = None, None
 
     def advantage(self, obs, act):
         return -act.pow(2).sum(-1)
@@ -219,7 +221,7 @@ trainer.fit(model, DataLoader(TensorDataset(torch.randn(32, 17)), batch_size=4))
 if trainer.global_rank == 0:
     single = evaluate(model.eval_actor(), "HalfCheetah-v5", episodes=3, num_envs=2, seed=0, max_episode_steps=20)
     with open(os.path.join(out, "single.json"), "w") as f:
-        json.dump(single["returns"], f)
+        json.dump(single.returns, f)
 '''
 
 

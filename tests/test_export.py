@@ -3,7 +3,7 @@ same actions within 1e-4, EDM / CD / CT at NFE 1, 2, 4, onnxruntime on the CPU),
 the non-finite-observation guard of the Python API.
 
 The checkpoints are real: the shipped demo configs shrunk to 2 steps and trained through the CLI on a small
-synthetic HalfCheetah-shaped file (tests/cli_utils.py, tests/synth.py).
+synthetic HalfCheetah-shaped file (tests/cli_utils.py, idql_cm/data/synthetic.py).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from idql_cm import load_actor, load_agent, load_exported
+from idql_cm.checkpoint import load_policy
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.eval.agent import sample_actions, select_candidates
 from idql_cm.export.exporter import TOLERANCE, export_agent
-from idql_cm.modules.artifacts import load_policy
-from idql_cm.modules.common import file_sha256
+from idql_cm.fileio import file_sha256
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
-from tests.synth import write_d4rl_file
 
 OBS_DIM, ACT_DIM, N = 17, 6, 8
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
-from tests.synth import write_d4rl_file
 
 
 @pytest.mark.slow
@@ -20,22 +20,35 @@ def test_compiled_training_matches_eager(stage, tmp_path):
              else {"hidden_dim": 32})
     if stage == "ct":
         small.update(total_steps=5, s0=2, s1=8)
-    finals = {}
     from torch._dynamo.utils import counters
 
+    def fit(name: str, **model_args) -> dict[str, torch.Tensor]:
+        root = tmp_path / name
+        cfg = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", tmp_path / f"{name}.yaml", root, data, steps=5,
+                            model_args={**small, **model_args}, keep_eval=False)
+        assert main(["fit", "--config", str(cfg)]) == 0
+        return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+    # lr 0: the weights both runs start from (Adam moves nothing, so neither do the EMA and the target nets)
+    start = fit("start", compile=False, lr=0.0)
+    finals = {}
     for compiled in (False, True):
         counters.clear()
-        root = tmp_path / f"run_{compiled}"
-        cfg = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", tmp_path / f"{compiled}.yaml", root, data, steps=5,
-                            model_args={**small, "compile": compiled}, keep_eval=False)
-        assert main(["fit", "--config", str(cfg)]) == 0
+        finals[compiled] = fit(f"run_{compiled}", compile=compiled, lr=LR)
         # the compiled run really went through torch.compile (and the eager one did not)
         assert (sum(counters["stats"].values()) > 0) == compiled, dict(counters["stats"])
-        finals[compiled] = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu",
-                                      weights_only=False)["state_dict"]
-    assert finals[False].keys() == finals[True].keys()
-    moved = 0
+    assert finals[False].keys() == finals[True].keys() == start.keys()
+    trained = [k for k in start if k.startswith(("model.", "q.", "v.")) and start[k].is_floating_point()
+               and not k.endswith(".freqs")]  # (the Fourier features' fixed frequencies: a buffer)
+    assert trained
     for k, eager in finals[False].items():
         torch.testing.assert_close(finals[True][k], eager, rtol=1e-4, atol=1e-5, msg=k)
-        moved += 1
-    assert moved > 0
+    # both paths move the trained weights, and by the same amount: equal weights alone would also hold for an lr
+    # of 0 or a training step that did nothing
+    moved = {c: torch.stack([(finals[c][k] - start[k]).abs().sum() for k in trained]) for c in (False, True)}
+    torch.testing.assert_close(moved[True], moved[False], rtol=1e-3, atol=1e-6)
+    still = [k for k, m in zip(trained, moved[False].tolist(), strict=True) if not m > 0]
+    assert not still, f"trained weights that did not move in 5 steps: {still}"
+
+
+LR = 1e-3  # the runs' learning rate (at 0 the movement check fails, as it must)

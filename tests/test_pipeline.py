@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import REPO
-from tests.synth import write_d4rl_file
 
 TINY = ["--set", "trainer.log_every_n_steps=1", "--set", "data.batch_size=16", "--set", "eval.episodes=2", "--set", "eval.num_envs=2",
         "--set", "eval.num_candidates=4", "--set", "eval.max_episode_steps=10", "--set", "eval.progress=false",
@@ -63,4 +63,28 @@ def test_pipeline_missing_d4rl_file_stops_at_once(tmp_path):
                           env={**os.environ, "D4RL_DATASET_DIR": str(tmp_path)}, timeout=120)
     assert proc.returncode != 0
     assert "walker2d_medium-v2.hdf5" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "iql").exists()
+
+
+@pytest.mark.parametrize("content", [b"not an hdf5 file at all", "wrong_layout"])
+def test_pipeline_bad_d4rl_file_stops_at_once(tmp_path, content):
+    import os
+
+    import h5py
+
+    path = tmp_path / "walker2d_medium-v2.hdf5"
+    if content == "wrong_layout":  # HDF5, but no 'actions' and observations of another length
+        with h5py.File(path, "w") as f:
+            f["observations"] = [[0.0]] * 5
+            f["rewards"] = [0.0] * 4
+            f["terminals"] = [0] * 4
+    else:
+        path.write_bytes(content)
+    proc = subprocess.run([sys.executable, "scripts/run_pipeline.py", "--task", "walker2d-medium-v2",
+                           "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "D4RL_DATASET_DIR": str(tmp_path)}, timeout=120)
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert str(path) in err and ("HDF5" in err if content != "wrong_layout" else "'actions'" in err), err
     assert not (tmp_path / "run" / "iql").exists()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
-from tests.synth import write_d4rl_file
 
 
 def _fit_iql(tmp_path, dataset: str, precision: str) -> dict:
@@ -31,7 +31,7 @@ def test_iql_under_bf16_mixed_matches_fp32(tmp_path):
 
 
 def test_advantage_is_fp32_under_autocast(tmp_path):
-    from idql_cm.modules.artifacts import Critic
+    from idql_cm.checkpoint import Critic
     from idql_cm.nets.critics import TwinQ, ValueNet
 
     torch.manual_seed(0)

@@ -36,8 +36,8 @@ import torch
 import yaml
 
 from idql_cm.cli import main
+from idql_cm.data.synthetic import make_d4rl_arrays, write_arrays, write_d4rl_file
 from tests.cli_utils import CONFIGS, REPO, run_cli_subprocess, shrink_config
-from tests.synth import make_d4rl_arrays, write_arrays, write_d4rl_file
 
 SMALL_NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2}}
 
@@ -217,7 +217,7 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(data, tmp_path):
 
 KILLED_MID_SAVE = """
 import os, signal, sys, torch
-from idql_cm.modules.artifacts import AtomicCheckpointIO
+from idql_cm.modules.checkpoint_io import AtomicCheckpointIO
 
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"version": 1, "w": torch.arange(1000)}, path)
@@ -233,7 +233,7 @@ io.save_checkpoint({"version": 2, "w": torch.arange(1000)}, path)
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
-    from idql_cm.modules.artifacts import AtomicCheckpointIO
+    from idql_cm.modules.checkpoint_io import AtomicCheckpointIO
 
     path = tmp_path / "checkpoints" / "last.ckpt"
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(path)], cwd=REPO, capture_output=True,

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from idql_cm.errors import ConfigError
+from idql_cm.fileio import atomic_path
 
 __all__ = [
     "BEHAVIOURS",
@@ -388,9 +389,7 @@ def collect(
     finally:
         env.close()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         import h5py
 
         with h5py.File(tmp, "w") as f:
@@ -427,10 +426,6 @@ def collect(
                         [(np.nan, np.nan) if x is None else x for x in MIXED_SCHEDULE], np.float64)
             for key, value in meta.items():
                 f.create_dataset(f"metadata/{key}", data=value)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     rets = np.asarray(ep_returns)
     _log(progress, f"wrote {out}: {transitions:,} transitions, {len(rets)} episodes, returns min {rets.min():.0f} / "
                    f"median {np.median(rets):.0f} / max {rets.max():.0f}, {time.perf_counter() - t_start:.1f} s")

@@ -24,11 +24,23 @@ what was expected and what was found.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 
+from idql_cm.data.sources import (  # noqa: F401  (re-exported: the names' old home)
+    D4RL_FAMILIES,
+    D4RL_URL_PREFIX,
+    MINARI_PREFIX,
+    d4rl_dataset_dir,
+    d4rl_file_name,
+    d4rl_task_of,
+    minari_dataset_dir,
+    minari_env_id,
+    parse_d4rl_id,
+    resolve_source,
+)
+from idql_cm.data.validation import check_arrays
 from idql_cm.errors import DataError
 
 __all__ = [
@@ -47,79 +59,11 @@ __all__ = [
     "resolve_source",
 ]
 
-D4RL_FAMILIES = ("halfcheetah", "hopper", "walker2d")
-D4RL_URL_PREFIX = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/"
-MINARI_PREFIX = "minari:"
-_D4RL_DATASETS = ("random", "medium", "expert", "medium-replay", "medium-expert", "full-replay")
-_D4RL_ID = re.compile(
-    r"^(?P<family>halfcheetah|hopper|walker2d)-(?P<dataset>random|medium-replay|medium-expert|full-replay|medium|expert)"
-    r"-v(?P<version>\d+)$"
-)
-# halfcheetah_medium_replay-v2.hdf5 and friends: the file names D4RL downloads
-_D4RL_FILE = re.compile(
-    r"^(?P<family>halfcheetah|hopper|walker2d)_(?P<dataset>random|medium_replay|medium_expert|full_replay|medium|expert)"
-    r"-v(?P<version>\d+)\.hdf5$"
-)
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 
 
 class DataWarning(UserWarning):
     """Data that is used after a repair (clipped actions, unscaled rewards); ``idql-cm`` prints it as one line."""
-
-
-# --------------------------------------------------------------------------------------------- ids and paths
-def parse_d4rl_id(name: str) -> tuple[str, str, int] | None:
-    """``"hopper-medium-replay-v2"`` → ``("hopper", "medium-replay", 2)``; None for anything else."""
-    m = _D4RL_ID.match(str(name).strip())
-    if m is None:
-        return None
-    return m["family"], m["dataset"], int(m["version"])
-
-
-def d4rl_file_name(d4rl_id: str) -> str:
-    """The file name D4RL stores a dataset under: ``halfcheetah-medium-replay-v2`` → ``halfcheetah_medium_replay-v2.hdf5``."""
-    parsed = parse_d4rl_id(d4rl_id)
-    if parsed is None:
-        raise DataError(
-            f"{d4rl_id!r}: expected a D4RL MuJoCo id like 'halfcheetah-medium-v2' "
-            f"(families {', '.join(D4RL_FAMILIES)}; datasets {', '.join(_D4RL_DATASETS)})"
-        )
-    family, dataset, version = parsed
-    return f"{family}_{dataset.replace('-', '_')}-v{version}.hdf5"
-
-
-def d4rl_dataset_dir() -> Path:
-    """The D4RL download folder: ``$D4RL_DATASET_DIR``, else ``~/.d4rl/datasets`` (as ``d4rl.offline_env``)."""
-    env = os.environ.get("D4RL_DATASET_DIR")
-    return Path(env).expanduser() if env else Path("~/.d4rl/datasets").expanduser()
-
-
-def resolve_source(source: str | os.PathLike) -> Path | str:
-    """Where a dataset source lives: a :class:`Path` for files (D4RL ids resolved into the D4RL folder), or the
-    ``"minari:<id>"`` string unchanged for Minari datasets. Does not check that the file exists."""
-    if isinstance(source, os.PathLike):
-        return Path(source).expanduser()
-    text = str(source).strip()
-    if text.startswith(MINARI_PREFIX):
-        return text
-    if parse_d4rl_id(text) is not None:
-        return d4rl_dataset_dir() / d4rl_file_name(text)
-    return Path(text).expanduser()
-
-
-def d4rl_task_of(source: str | os.PathLike) -> str | None:
-    """The D4RL task id of a source: the id itself, or one read back from a D4RL file name
-    (``.../walker2d_medium_replay-v2.hdf5`` → ``walker2d-medium-replay-v2``); None otherwise."""
-    if not isinstance(source, os.PathLike):
-        text = str(source).strip()
-        if parse_d4rl_id(text) is not None:
-            return text
-        if text.startswith(MINARI_PREFIX):
-            return None
-    m = _D4RL_FILE.match(Path(source).name)
-    if m is None:
-        return None
-    return f"{m['family']}-{m['dataset'].replace('_', '-')}-v{m['version']}"
 
 
 def _missing_file_error(source, path: Path) -> DataError:
@@ -204,75 +148,7 @@ def _read_array(f, path: Path, key: str, kind: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-# --------------------------------------------------------------------------------------- array checks + qlearning
-def _as_rows(where: str, key: str, arr: np.ndarray, ndim: int) -> np.ndarray:
-    """Observations/actions → (N, D) (a 1-D array is read as D = 1); per-row scalars → (N,) ((N, 1) is squeezed)."""
-    if ndim == 2:
-        if arr.ndim == 1:
-            return arr.reshape(-1, 1)
-        if arr.ndim != 2:
-            raise DataError(f"{where}: key '{key}': expected a 2-D array (rows, dims), found shape {arr.shape}")
-        return arr
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        return arr[:, 0]
-    if arr.ndim != 1:
-        raise DataError(f"{where}: key '{key}': expected a 1-D array (one value per row), found shape {arr.shape}")
-    return arr
-
-
-def _check_finite(where: str, key: str, arr: np.ndarray) -> None:
-    finite = np.isfinite(arr)
-    if finite.all():
-        return
-    bad_rows = ~finite.reshape(len(arr), -1).all(axis=1)
-    n_bad = int(bad_rows.sum())
-    first = int(np.flatnonzero(bad_rows)[0])
-    raise DataError(
-        f"{where}: key '{key}': expected finite values, found NaN/Inf in {n_bad} of {len(arr)} rows (first at row {first})"
-    )
-
-
-def _as_flags(where: str, key: str, arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind == "b":
-        return arr
-    if arr.dtype.kind == "f":
-        _check_finite(where, key, arr)
-    return arr != 0  # bool(x) of each row, as qlearning_dataset's bool(dataset['terminals'][i])
-
-
-def check_arrays(where: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validate raw per-row arrays (keys observations, actions, rewards, terminals[, timeouts]) and return them
-    with canonical shapes ((N, D) / (N,)) and bool flags. ``where`` names the file in error messages."""
-    out = {
-        "observations": _as_rows(where, "observations", arrays["observations"], 2),
-        "actions": _as_rows(where, "actions", arrays["actions"], 2),
-        "rewards": _as_rows(where, "rewards", arrays["rewards"], 1),
-        "terminals": _as_rows(where, "terminals", arrays["terminals"], 1),
-    }
-    if arrays.get("timeouts") is not None:
-        out["timeouts"] = _as_rows(where, "timeouts", arrays["timeouts"], 1)
-    n = len(out["observations"])
-    for key, arr in out.items():
-        if len(arr) != n:
-            raise DataError(
-                f"{where}: key '{key}': expected {n} rows (the row count of 'observations'), found {len(arr)} rows"
-            )
-    if n < 2:
-        what = "no rows (empty dataset)" if n == 0 else "1 row"
-        raise DataError(
-            f"{where}: key 'observations': expected at least 2 rows (each transition pairs a row with the next), found {what}"
-        )
-    for key in ("observations", "actions"):
-        if out[key].shape[1] == 0:
-            raise DataError(f"{where}: key '{key}': expected at least one column, found shape {out[key].shape}")
-    for key in ("observations", "actions", "rewards"):
-        _check_finite(where, key, out[key])
-    out["terminals"] = _as_flags(where, "terminals", out["terminals"])
-    if "timeouts" in out:
-        out["timeouts"] = _as_flags(where, "timeouts", out["timeouts"])
-    return out
-
-
+# ------------------------------------------------------------------------------------------------- qlearning
 def _counter_skips(terminals: np.ndarray, n: int, max_episode_steps: int) -> np.ndarray:
     """Rows qlearning_dataset skips in a file without ``timeouts``: those where its episode-step counter equals
     ``max_episode_steps - 1``. The counter starts at 0, is reset to 0 by a skip and to 0 (then +1 for the kept row,
@@ -362,7 +238,6 @@ def check_minari_layout(dataset_id: str) -> None:
     be trained on twice, or one would shadow the other)."""
     import json
 
-    from idql_cm.data.minari_source import minari_dataset_dir
 
     data_dir = minari_dataset_dir(dataset_id)
     meta_path = data_dir / "metadata.json"
@@ -440,8 +315,6 @@ def read_env_id(source: str | os.PathLike) -> str | None:
         if parsed is not None:
             return parsed[0]
         if text.startswith(MINARI_PREFIX):
-            from idql_cm.data.minari_source import minari_env_id
-
             return minari_env_id(text[len(MINARI_PREFIX):])
     path = resolve_source(source)
     assert isinstance(path, Path)

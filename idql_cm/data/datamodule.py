@@ -1,7 +1,9 @@
 """``TDDataModule``: qlearning transitions on the training device, sampled by random index.
 
-The whole dataset sits on the device as five float32 tensors; a batch is ``torch.randint`` indices plus
-``index_select`` (one kernel per key, no host sync, no per-item ``__getitem__`` / collate, no worker processes).
+The whole dataset sits on the device as one packed float32 tensor (obs, act, rew, next_obs, tml side by side,
+``pack_columns``); a batch, or K batches at once for a fused step, is ``torch.randint`` indices plus one
+``index_select`` of packed rows, viewed back as per-key columns (``column_views``): no host sync, no per-item
+``__getitem__`` / collate, no worker processes.
 This replaces the reference's shuffled ``DataLoader`` + ``loop_dataloader`` (reference-spec §3.3): both draw
 uniform batches from the transitions; the reference draws without replacement within an epoch, this draws with
 replacement (the standard for TD learning: CORL, JAX-CORL).
@@ -38,6 +40,7 @@ from idql_cm.data.d4rl import (
 from idql_cm.data.normalizer import ObsNormalizer
 from idql_cm.data.scores import task_family
 from idql_cm.errors import ConfigError, DataError
+from idql_cm.lightning_compat import consumed_batches
 
 __all__ = ["BATCH_KEYS", "SingleBatchLoader", "TDBatchIterable", "TDDataModule", "column_views", "pack_columns",
            "resolve_seed", "step_seed"]
@@ -72,10 +75,7 @@ def _consumed_batches(trainer) -> int:
     """Training batches the trainer has already drawn (0 without a trainer)."""
     if trainer is None:
         return 0
-    try:
-        return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-    except AttributeError:
-        return int(getattr(trainer, "global_step", 0))
+    return consumed_batches(trainer)
 
 
 def pack_columns(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:

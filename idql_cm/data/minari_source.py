@@ -16,58 +16,15 @@ datasets are read directly with h5py.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from idql_cm.data.sources import minari_dataset_dir, minari_env_id, minari_metadata, minari_root  # noqa: F401
+from idql_cm.data.validation import as_flags, check_finite
 from idql_cm.errors import DataError
 
 __all__ = ["load_minari", "minari_dataset_dir", "minari_env_id", "minari_root"]
-
-
-def minari_root() -> Path:
-    """The local Minari root: ``$MINARI_DATASETS_PATH``, else ``~/.minari/datasets`` (as Minari itself)."""
-    env = os.environ.get("MINARI_DATASETS_PATH")
-    return Path(env).expanduser() if env else Path("~/.minari/datasets").expanduser()
-
-
-def minari_dataset_dir(dataset_id: str) -> Path:
-    """``<root>/<dataset id>/data``; raises DataError naming the id and the root when it is not there."""
-    dataset_id = dataset_id.strip().strip("/")
-    root = minari_root()
-    data_dir = root / dataset_id / "data"
-    if not dataset_id or not (data_dir / "metadata.json").is_file():
-        where = "MINARI_DATASETS_PATH" if os.environ.get("MINARI_DATASETS_PATH") else "default root, MINARI_DATASETS_PATH unset"
-        raise DataError(
-            f"{data_dir}: Minari dataset {dataset_id!r} not found in the local root {root} (the {where}; expected "
-            f"data/metadata.json there); create it with minari.DataCollector, `minari download {dataset_id}` it on a "
-            f"machine with internet, or set MINARI_DATASETS_PATH"
-        )
-    return data_dir
-
-
-def _metadata(data_dir: Path) -> dict:
-    path = data_dir / "metadata.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: expected a JSON object of Minari metadata, could not parse it ({exc})") from exc
-
-
-def minari_env_id(dataset_id: str) -> str | None:
-    """The ``env_spec`` id a Minari dataset was collected in (e.g. ``"HalfCheetah-v5"``), or None."""
-    meta = _metadata(minari_dataset_dir(dataset_id))
-    spec = meta.get("env_spec")
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except ValueError:
-            return None
-    if isinstance(spec, dict) and isinstance(spec.get("id"), str):
-        return spec["id"]
-    return None
 
 
 def _episode_arrays(where: str, ep_name: str, obs, act, rew, term, trunc) -> tuple:
@@ -139,8 +96,6 @@ def load_minari(dataset_id: str, use_package: bool | None = None) -> dict[str, n
         dataset_id: e.g. ``"mujoco/halfcheetah/medium-v0"``.
         use_package: read with the ``minari`` package (True), with h5py (False), or the package when importable (None).
     """
-    from idql_cm.data.d4rl import _as_flags, _check_finite
-
     data_dir = minari_dataset_dir(dataset_id)
     where = str(data_dir)
     if use_package is None:
@@ -175,7 +130,7 @@ def load_minari(dataset_id: str, use_package: bool | None = None) -> dict[str, n
     if out["rewards"].dtype.kind not in "fiu":
         raise DataError(f"{where}: key 'rewards': expected numbers, found dtype {out['rewards'].dtype}")
     for key, arr in out.items():
-        _check_finite(where, key, arr.reshape(len(arr), -1))
+        check_finite(where, key, arr.reshape(len(arr), -1))
     out = {k: v.astype(np.float32, copy=False) for k, v in out.items()}
-    out["terminals"] = _as_flags(where, "terminations", np.concatenate(term_l)).astype(bool, copy=False)
+    out["terminals"] = as_flags(where, "terminations", np.concatenate(term_l)).astype(bool, copy=False)
     return out

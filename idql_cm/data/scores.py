@@ -12,7 +12,7 @@ import numpy as np
 
 from idql_cm.errors import ConfigError
 
-__all__ = ["D4RL_ENV_VERSION", "REF_SCORES", "gym_env_id", "normalized_score", "task_family"]
+__all__ = ["D4RL_ENV_VERSION", "FAMILY_LABELS", "REF_SCORES", "gym_env_id", "normalized_score", "task_family"]
 
 #: The gymnasium version a D4RL task is evaluated in: v4 has the dynamics of D4RL's -v2 data (Walker2d-v5 gives both
 #: feet friction 1.9 where v2-v4 have 0.9 on the right one, and Hopper/Walker2d-v5 pay no healthy reward on a
@@ -26,7 +26,8 @@ REF_SCORES: dict[str, tuple[float, float]] = {
     "walker2d": (1.629008, 4592.3),
 }
 
-_GYM_NAMES = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
+#: Each family's display name, which is also its gymnasium name (``HalfCheetah-v4``).
+FAMILY_LABELS = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
 _SPLIT = re.compile(r"[-_/:\s]")
 
 
@@ -63,4 +64,4 @@ def gym_env_id(task: str, version: str = D4RL_ENV_VERSION) -> str:
     """The gymnasium MuJoCo id of a task: ``halfcheetah`` → ``HalfCheetah-v4`` (``version="v5"`` → ``-v5``)."""
     if not re.fullmatch(r"v\d+", str(version)):
         raise ConfigError(f"gym version {version!r}: expected 'v4' or 'v5'")
-    return f"{_GYM_NAMES[_family_or_raise(task)]}-{version}"
+    return f"{FAMILY_LABELS[_family_or_raise(task)]}-{version}"

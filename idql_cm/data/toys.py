@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from idql_cm.fileio import atomic_path
+
 __all__ = ["RADIUS", "TOYS", "Mode", "Toy", "write_toy_dataset"]
 
 #: "near a mode" = within this distance of its centre (the precision radius of ``make quality``)
@@ -112,20 +114,13 @@ def write_toy_dataset(path: str | os.PathLike, toy: Toy, transitions: int = 50_0
         act[rows] = toy.sample(c, len(rows), rng)
     timeouts = (np.arange(transitions) % episode_len) == episode_len - 1
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("observations", data=obs)
-            f.create_dataset("next_observations", data=np.roll(obs, -1, axis=0))
-            f.create_dataset("actions", data=act)
-            f.create_dataset("rewards", data=np.zeros(transitions, dtype=np.float32))
-            f.create_dataset("terminals", data=np.zeros(transitions, dtype=bool))
-            f.create_dataset("timeouts", data=timeouts)
-            f.create_dataset("metadata/toy", data=toy.name)
-            f.create_dataset("metadata/seed", data=np.int64(seed))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("observations", data=obs)
+        f.create_dataset("next_observations", data=np.roll(obs, -1, axis=0))
+        f.create_dataset("actions", data=act)
+        f.create_dataset("rewards", data=np.zeros(transitions, dtype=np.float32))
+        f.create_dataset("terminals", data=np.zeros(transitions, dtype=bool))
+        f.create_dataset("timeouts", data=timeouts)
+        f.create_dataset("metadata/toy", data=toy.name)
+        f.create_dataset("metadata/seed", data=np.int64(seed))
     return path

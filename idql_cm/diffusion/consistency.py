@@ -21,7 +21,7 @@ from idql_cm.errors import ConfigError
 class ConsistencyModel(Preconditioned):
     """``f(x, σ, obs) = c_skip(σ)·x + c_out(σ)·F(c_in(σ)·x, c_noise(σ), obs)``, clipped to the action bounds.
 
-    The clipping applies in training losses too (as in the reference; zero gradient on clipped coordinates).
+    The training losses leave the student unclipped (``clip_student=False``): a clipped coordinate has zero gradient.
     """
 
     def __init__(

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from idql_cm.errors import CheckpointError, ConfigError, DataError
+from idql_cm.checkpoint import DataFacts, check_fits_data
+from idql_cm.errors import ConfigError, DataError
 
 SELECTIONS = ("softmax", "argmax")
 
@@ -136,7 +137,7 @@ def select_candidates(adv: torch.Tensor, temperature: float = 100.0, selection: 
 def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """``actor.sample(obs, nfe, generator)``, or with given sampler ``noise [nfe, B, act_dim]``
-    ``actor.sample(obs, nfe, noise=noise)`` (a checkpoint's policy, ``idql_cm.modules.artifacts.Actor``)."""
+    ``actor.sample(obs, nfe, noise=noise)`` (a checkpoint's policy, ``idql_cm.checkpoint.Actor``)."""
     if noise is None:
         return actor.sample(obs, nfe, generator=generator)
     if getattr(actor, "model", None) is None:
@@ -148,7 +149,7 @@ def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generato
 class ActorPolicy:
     """The behaviour policy alone, NumPy-friendly: ``sample(obs, nfe)`` maps raw observations to actions in kind.
 
-    Wraps an ``Actor`` (``idql_cm.modules.artifacts``): attributes ``kind``, ``obs_dim``, ``act_dim``, ``env_id``,
+    Wraps an ``Actor`` (``idql_cm.checkpoint``): attributes ``kind``, ``obs_dim``, ``act_dim``, ``env_id``,
     ``task`` and ``device`` are forwarded; ``actor`` is the wrapped object.
     """
 
@@ -202,11 +203,10 @@ class IDQLAgent:
         temperature = float(temperature)
         if math.isnan(temperature) or temperature < 0:
             raise ConfigError(f"temperature: expected a number >= 0, found {temperature}")
-        if critic is not None and (int(critic.obs_dim), int(critic.act_dim)) != (int(actor.obs_dim),
-                                                                                 int(actor.act_dim)):
-            raise CheckpointError(
-                f"critic (obs_dim={critic.obs_dim}, act_dim={critic.act_dim}) does not fit the actor "
-                f"(obs_dim={actor.obs_dim}, act_dim={actor.act_dim}): were they trained on the same task?")
+        if critic is not None:  # sizes only: these may be any policy and critic, without a normaliser
+            check_fits_data(DataFacts(int(critic.obs_dim), int(critic.act_dim), dataset="its task"),
+                            DataFacts(int(actor.obs_dim), int(actor.act_dim), dataset="of the actor"), "IDQLAgent",
+                            "the critic")
         self.actor = actor
         self.critic = critic
         self.num_candidates = int(num_candidates)

@@ -12,6 +12,7 @@ kind that went in (NumPy float32 for NumPy, tensors on the policy's device for t
 
 from __future__ import annotations
 
+from idql_cm.checkpoint import load_critic, load_policy
 from idql_cm.eval.agent import ActorPolicy, IDQLAgent
 
 
@@ -21,8 +22,6 @@ def load_actor(ckpt_path: str, device=None) -> ActorPolicy:
     ``device``: ``None`` picks CUDA when available, else CPU. Raises ``CheckpointError`` for a missing, unreadable
     or non-actor checkpoint.
     """
-    from idql_cm.modules.artifacts import load_policy  # lazy: keeps `import idql_cm` light
-
     return ActorPolicy(load_policy(str(ckpt_path), device=device))
 
 
@@ -33,10 +32,8 @@ def load_agent(actor_ckpt: str, critic_ckpt: str | None, num_candidates: int = 2
     ``critic_ckpt=None`` gives the behaviour policy alone. The critic is loaded on the actor's device; a critic of
     another task (different obs/act sizes) is refused with ``CheckpointError``.
     """
-    from idql_cm.modules.artifacts import load_critic, load_policy  # lazy
-
     actor = load_policy(str(actor_ckpt), device=device)
     critic = None
     if critic_ckpt is not None:
-        critic = load_critic(str(critic_ckpt), device=getattr(actor, "device", device))
+        critic = load_critic(str(critic_ckpt), device=actor.device)
     return IDQLAgent(actor, critic, num_candidates=num_candidates, temperature=temperature, selection=selection)

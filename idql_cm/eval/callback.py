@@ -20,17 +20,50 @@ reporting, so a DDP evaluation equals a single-process one episode for episode (
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic
 from idql_cm.data.scores import D4RL_ENV_VERSION
-from idql_cm.errors import CheckpointError, ConfigError
+from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
-from idql_cm.eval.rollout import VECTOR_MODES, evaluate
+from idql_cm.eval.rollout import VECTOR_MODES, Rollout, evaluate
+
+
+class EvalActor(Protocol):
+    """What the callback reads of ``pl_module.eval_actor()`` (``idql_cm.checkpoint.Actor``): sizes, the data it
+    was trained on (``obs_mean`` may be None: nothing to compare), and ``sample``."""
+
+    kind: str
+    act_dim: int
+    env_id: str | None
+    task: str | None
+    obs_mean: torch.Tensor | None
+
+    @property
+    def obs_dim(self) -> int: ...
+
+
+class EvalCritic(Protocol):
+    """What the callback reads of a loaded critic (``idql_cm.checkpoint.Critic``) besides ``advantage``."""
+
+    act_dim: int
+    task: str | None
+    obs_mean: torch.Tensor | None
+
+    @property
+    def obs_dim(self) -> int: ...
+
+
+@rank_zero_only
+def _warn_line(message: str) -> None:
+    """One warning line in the run's log (Lightning's logger, shown whatever PYTHONWARNINGS says)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").warning(message)
 
 
 def env_choice(name: str | None, env_id: str, version: str) -> str:
@@ -68,22 +101,13 @@ def resolve_env_id(name: str | None, version: str = D4RL_ENV_VERSION) -> str | N
     return name if registered else None
 
 
-def _check_critic(path: str, critic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
+def _check_critic(path: str, critic: EvalCritic, obs_dim: int, act_dim: int, obs_mean, dataset: str | None) -> None:
     """Refuse an IQL critic trained on other data than the policy (other sizes, or another observation normaliser):
     its advantages would rank the candidates by another task's values. A CheckpointError names both sides."""
-    if (int(critic.obs_dim), int(critic.act_dim)) != (obs_dim, act_dim):
-        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} has obs/act size {critic.obs_dim}/{critic.act_dim}"
-                              f" (trained on {getattr(critic, 'task', None)}), the policy's data {dataset} has "
-                              f"{obs_dim}/{act_dim}")
-    mine = getattr(critic, "obs_mean", None)
-    if obs_mean is None or mine is None:
-        return
-    a = torch.as_tensor(mine, dtype=torch.float32).detach().cpu().reshape(-1)
-    b = torch.as_tensor(obs_mean, dtype=torch.float32).detach().cpu().reshape(-1)
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
-        raise CheckpointError(f"RolloutEvaluation.critic_ckpt: {path} was trained on {getattr(critic, 'task', None)}, "
-                              f"the policy on {dataset}: their observation normalisers differ; use the IQL checkpoint "
-                              "of the policy's dataset")
+    trained = DataFacts(int(critic.obs_dim), int(critic.act_dim), critic.obs_mean,
+                        dataset=critic.task)
+    check_fits_data(trained, DataFacts(obs_dim, act_dim, obs_mean, dataset=dataset), "RolloutEvaluation.critic_ckpt",
+                    path)
 
 
 def _split(episodes: int, world: int, rank: int) -> tuple[int, int]:
@@ -173,12 +197,18 @@ class RolloutEvaluation(Callback):
         if self.env_id is not None and resolve_env_id(self.env_id, self.env_version) is None:
             raise ConfigError(f"RolloutEvaluation.env_id: {self.env_id!r} is neither a gymnasium environment id nor "
                               f"a known D4RL task (halfcheetah / hopper / walker2d)")
-        if self.record_video > 0:
-            os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco's renderer is first created
 
     def preflight(self, pl_module, datamodule) -> None:
         """Check ``critic_ckpt`` against the data (sizes and observation normaliser) before any work; the CLI calls
-        this after instantiation, before ``fit`` / ``validate`` writes anything."""
+        this after instantiation, before ``fit`` / ``validate`` writes anything. Data that names no environment
+        (and no ``env_id`` set here) skips evaluation, said in one warning line, before any critic is asked for."""
+        if self.env_id is None and datamodule is not None and self._skip_reason is None:
+            env_id, task = datamodule.env_id, datamodule.task
+            if all(resolve_env_id(n, self.env_version) is None for n in (env_id, task)):
+                self._skip_reason = (f"RolloutEvaluation: skipping rollouts: the data names no environment "
+                                     f"(env_id={env_id!r}, task={task!r}); set RolloutEvaluation.env_id to evaluate")
+                _warn_line(self._skip_reason)
+                return
         if self.critic_ckpt is None:
             return
         path = str(self.critic_ckpt)
@@ -200,12 +230,12 @@ class RolloutEvaluation(Callback):
             self._check_pair(actor, critic)
             IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)  # size check
 
-    def _check_pair(self, actor, critic) -> None:
+    def _check_pair(self, actor: EvalActor, critic: EvalCritic | None) -> None:
         """The critic must come from the actor's dataset: same sizes and observation normaliser."""
         if critic is None:
             return
         _check_critic(str(self.critic_ckpt), critic, int(actor.obs_dim), int(actor.act_dim),
-                      getattr(actor, "obs_mean", None), getattr(actor, "task", None))
+                      actor.obs_mean, actor.task)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._ckpt_step = checkpoint.get("global_step")
@@ -242,7 +272,7 @@ class RolloutEvaluation(Callback):
                               f"found {type(pl_module).__name__}")
         return pl_module.eval_actor()
 
-    def _env_for(self, actor) -> tuple[str, str] | None:
+    def _env_for(self, actor: EvalActor) -> tuple[str, str] | None:
         """``(gymnasium id, why that one)`` to evaluate in, or None after announcing (once) why evaluation is
         skipped."""
         if self._skip_reason is not None:
@@ -250,7 +280,7 @@ class RolloutEvaluation(Callback):
         if self.env_id is not None:
             resolved = resolve_env_id(self.env_id, self.env_version)
             return resolved, env_choice(self.env_id, resolved, self.env_version)
-        env_id, task = getattr(actor, "env_id", None), getattr(actor, "task", None)
+        env_id, task = actor.env_id, actor.task
         for name in (env_id, task):
             resolved = resolve_env_id(name, self.env_version)
             if resolved is not None:
@@ -263,8 +293,6 @@ class RolloutEvaluation(Callback):
 
     @staticmethod
     def _load_critic_from(path: str, device):
-        from idql_cm.modules.artifacts import load_critic  # lazy: the modules layer sits above eval's imports
-
         return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt")
 
     def _get_critic(self, device):
@@ -277,25 +305,43 @@ class RolloutEvaluation(Callback):
         return self._critic
 
     @staticmethod
-    def _gather(trainer, roll: dict[str, Any]) -> dict[str, Any]:
-        """All ranks' per-episode results, in rank order (= global episode order)."""
-        parts = [roll]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
-            parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, roll)
-        out: dict[str, Any] = {"nfe": roll["nfe"], "env_id": roll["env_id"]}
-        for key in ("returns", "lengths", "unstable", "videos"):
-            out[key] = [x for p in parts for x in p.get(key, [])]
-        out["seconds"] = max(p.get("seconds", 0.0) for p in parts)
-        calls = sum(p.get("policy_calls", 0) for p in parts)
-        out["action_latency_ms"] = (sum(p.get("action_latency_ms", 0.0) * p.get("policy_calls", 0) for p in parts)
-                                    / calls if calls else float("nan"))
-        out["policy_calls"] = calls
-        out["env_steps"] = sum(p.get("env_steps", 0) for p in parts)
-        out["env_steps_per_second"] = out["env_steps"] / out["seconds"] if out["seconds"] > 0 else float("nan")
-        out["num_envs"] = sum(p.get("num_envs", 0) for p in parts)
-        out["seed"] = parts[0].get("seed")
-        return out
+    def _gather(trainer, roll: Rollout) -> Rollout:
+        """All ranks' per-episode results, in rank order (= global episode order), gathered by torchmetrics'
+        CatMetric (its sync concatenates the ranks' states in rank order, uneven lengths and empty ranks included).
+        The values travel as float64 (exact for the Python floats and ints); the scalar reductions are done here, in
+        rank order, as before. Videos are recorded on rank 0 only and stay there."""
+        from torchmetrics.aggregation import CatMetric
+
+        device = trainer.strategy.root_device
+        per_rank = ("seconds", "policy_calls", "latency_sum", "env_steps", "num_envs", "seed")
+        local = {"returns": [float(x) for x in roll.returns], "lengths": [float(x) for x in roll.lengths],
+                 "unstable": [float(x) for x in roll.unstable],
+                 "scalars": [float(roll.seconds), float(roll.policy_calls),
+                             float(roll.action_latency_ms) * roll.policy_calls if roll.policy_calls else 0.0,
+                             float(roll.env_steps), float(roll.num_envs),
+                             float("nan") if roll.seed is None else float(roll.seed)]}
+        gathered: dict[str, list[float]] = {}
+        for key, values in local.items():  # the same order on every rank: each compute() is one collective
+            metric = CatMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)  # .to() after would reset dtype
+            metric.update(torch.tensor(values, dtype=torch.float64, device=device))
+            value = metric.compute()
+            gathered[key] = value.cpu().tolist() if isinstance(value, torch.Tensor) else []
+        rows = [dict(zip(per_rank, gathered["scalars"][i:i + len(per_rank)], strict=True))
+                for i in range(0, len(gathered["scalars"]), len(per_rank))]
+        seconds = max(p["seconds"] for p in rows)
+        calls = sum(int(p["policy_calls"]) for p in rows)
+        env_steps = sum(int(p["env_steps"]) for p in rows)
+        unstable = [bool(x) for x in gathered["unstable"]]
+        first_seed = rows[0]["seed"]
+        return Rollout(env_id=roll.env_id, nfe=roll.nfe, episodes=len(gathered["returns"]),
+                       num_envs=sum(int(p["num_envs"]) for p in rows),
+                       seed=None if first_seed != first_seed else int(first_seed),
+                       returns=gathered["returns"], lengths=[int(x) for x in gathered["lengths"]], unstable=unstable,
+                       unstable_episodes=sum(unstable), seconds=seconds,
+                       action_latency_ms=sum(p["latency_sum"] for p in rows) / calls if calls else float("nan"),
+                       policy_calls=calls, env_steps=env_steps,
+                       env_steps_per_second=env_steps / seconds if seconds > 0 else float("nan"),
+                       videos=list(roll.videos))
 
     def _log_video(self, trainer, path: str, tag: str, step: int) -> None:
         rank_zero_info(f"RolloutEvaluation: video {path}")
@@ -335,7 +381,7 @@ class RolloutEvaluation(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
         log_dir = str(log_dir or trainer.default_root_dir)
         video_dir = os.path.join(log_dir, "videos")
-        task = getattr(actor, "task", None) or getattr(actor, "env_id", None) or self.env_id
+        task = actor.task or actor.env_id or self.env_id
         if critic is None and not self._bc_announced:
             self._bc_announced = True
             rank_zero_info("RolloutEvaluation: no critic_ckpt: evaluating the behaviour policy alone "
@@ -357,7 +403,7 @@ class RolloutEvaluation(Callback):
                                         video_dir=video_dir, video_prefix=f"step{step}_nfe{k}",
                                         desc=f"eval step {step} NFE {k}")
                     else:  # more ranks than episodes
-                        roll = {"nfe": k, "env_id": env_id, "returns": [], "seconds": 0.0}
+                        roll = Rollout(env_id=env_id, nfe=k)
                     gathered = self._gather(trainer, roll)
                     if rank == 0:
                         results.append(nfe_result(gathered, task))
@@ -367,7 +413,7 @@ class RolloutEvaluation(Callback):
             return None
 
         report = build_report(
-            results, task=task, env_id=env_id, backbone=getattr(actor, "kind", None), step=int(step),
+            results, task=task, env_id=env_id, backbone=actor.kind, step=int(step),
             critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
             temperature=self.temperature, num_candidates=self.num_candidates,
             env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),

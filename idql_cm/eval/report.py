@@ -32,7 +32,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,9 +40,9 @@ from typing import Any
 import numpy as np
 
 from idql_cm.errors import DataError
+from idql_cm.fileio import atomic_write
 
 BACKBONES = ("edm", "cd", "ct")
-_FAMILY_LABEL = {"halfcheetah": "HalfCheetah", "hopper": "Hopper", "walker2d": "Walker2d"}
 _DATASET_ABBREV = {"medium-expert": "me", "medium-replay": "mr", "full-replay": "fr", "medium": "m", "expert": "e",
                    "random": "r"}
 
@@ -71,14 +70,16 @@ def _score_task(task: str | None, env_id: str | None) -> str | None:
     return None
 
 
-def nfe_result(rollout: dict[str, Any], task: str | None = None) -> dict[str, Any]:
-    """The per-NFE result of one :func:`~idql_cm.eval.rollout.evaluate` call.
+def nfe_result(rollout, task: str | None = None) -> dict[str, Any]:
+    """The per-NFE result of one :func:`~idql_cm.eval.rollout.evaluate` call (a ``Rollout``, or its ``to_dict()``).
 
     Normalised scores (D4RL, ×100) are computed when ``task`` or the rollout's ``env_id`` names a known family
     (halfcheetah / hopper / walker2d); otherwise they are ``None``. Means and SEs skip unstable episodes.
     """
     from idql_cm.data.scores import normalized_score
 
+    if not isinstance(rollout, dict):
+        rollout = rollout.to_dict()
     returns = [float(r) for r in rollout["returns"]]
     unstable = [bool(u) for u in rollout.get("unstable", [False] * len(returns))]
     counted = [r for r, u in zip(returns, unstable, strict=True) if not u]
@@ -118,7 +119,7 @@ def build_report(results: Sequence[dict[str, Any]], *, task: str | None, env_id:
                  num_candidates: int | None = None, **extra: Any) -> dict[str, Any]:
     """The report dict (see the module docstring); ``idql`` is False when there is no critic (behaviour cloning
     alone, in which case ``selection``, ``temperature`` and ``num_candidates`` do not apply and are ``None``)."""
-    from idql_cm import __version__
+    from idql_cm._version import __version__
 
     idql = critic is not None
     report: dict[str, Any] = {
@@ -144,7 +145,9 @@ def short_task(task: str | None, env_id: str | None = None) -> str:
     """``halfcheetah-medium-expert-v2`` → ``HalfCheetah-me`` (the tutorial's row labels); unknown names as they are."""
     name = task or env_id or "?"
     low = os.path.basename(str(name)).lower()
-    for fam, label in _FAMILY_LABEL.items():
+    from idql_cm.data.scores import FAMILY_LABELS
+
+    for fam, label in FAMILY_LABELS.items():
         if low.startswith(fam):
             rest = re.sub(r"\.(hdf5|h5)$", "", low[len(fam):]).replace("_", "-").strip("-")
             rest = re.sub(r"(^|-)v\d+$", "", rest)
@@ -226,25 +229,13 @@ def _json_clean(x):
     return x
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike, name: str = "eval_report") -> tuple[Path, Path]:
-    """Write ``{out_dir}/{name}.json`` and ``{name}.md`` atomically (temp file + ``os.replace``); returns both paths."""
+    """Write ``{out_dir}/{name}.json`` and ``{name}.md`` atomically (:func:`idql_cm.fileio.atomic_write`); returns both
+    paths."""
     out = Path(out_dir)
     jpath, mpath = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(jpath, json.dumps(_json_clean(report), indent=2, allow_nan=False) + "\n")
-    _atomic_write(mpath, render_markdown(report))
+    atomic_write(jpath, json.dumps(_json_clean(report), indent=2, allow_nan=False) + "\n")
+    atomic_write(mpath, render_markdown(report))
     return jpath, mpath
 
 
@@ -522,10 +513,10 @@ def run_report(args) -> int:
                 title = f"score during training, NFE {m.group(1)}" if m else tag
                 curves.setdefault(title, {})[f"{_column(r)} {short_task(r.get('task'), r.get('env_id'))} "
                                              f"{label}"] = pts
-        _atomic_write(out / "combined_report.json",
-                      json.dumps(_json_clean({"reports": merged, "sources": [str(f) for f, _, _ in sources]}),
-                                 indent=2, allow_nan=False) + "\n")
-        _atomic_write(out / "combined_report.md", "# idql-cm results\n\n" + table)
+        atomic_write(out / "combined_report.json",
+                     json.dumps(_json_clean({"reports": merged, "sources": [str(f) for f, _, _ in sources]}),
+                                indent=2, allow_nan=False) + "\n")
+        atomic_write(out / "combined_report.md", "# idql-cm results\n\n" + table)
         png = plot_scores(merged, out / "scores.png", curves=curves or None)
         sys.stdout.write(f"\nwrote {out / 'combined_report.json'}, {out / 'combined_report.md'}, {png}\n")
     return 0

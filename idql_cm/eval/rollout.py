@@ -22,6 +22,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -175,11 +176,37 @@ class _Recorder:
 
 
 # ---------------------------------------------------------------------------------------------------- rollout
+@dataclass(frozen=True)
+class Rollout:
+    """What :func:`evaluate` measured: per-episode ``returns`` / ``lengths`` / ``unstable`` flags (episode order)
+    and timings. ``action_latency_ms`` is the mean wall time of one batched action selection (host arrays in and
+    out); ``env_steps`` counts the steps of active episodes."""
+
+    env_id: str
+    nfe: int
+    episodes: int = 0
+    num_envs: int = 0
+    seed: int | None = None
+    returns: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    unstable: list[bool] = field(default_factory=list)
+    unstable_episodes: int = 0
+    seconds: float = 0.0
+    action_latency_ms: float = float("nan")
+    policy_calls: int = 0
+    env_steps: int = 0
+    env_steps_per_second: float = float("nan")
+    videos: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num_envs: int = 10, nfe: int = 1,
              seed: int = 0, vector_mode: str = "sync", max_episode_steps: int = 1000, progress: bool = False, *,
              generator: torch.Generator | None = None, record_episodes: int = 0, video_dir: str | None = None,
              video_prefix: str = "episode", render_size: tuple[int, int] = (256, 256),
-             desc: str | None = None) -> dict[str, Any]:
+             desc: str | None = None) -> Rollout:
     """Run ``episodes`` whole episodes of ``env_id`` and return their returns, lengths and timings.
 
     Args:
@@ -193,22 +220,17 @@ def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num
         max_episode_steps: the ``TimeLimit`` (1000 for D4RL locomotion).
         progress: a tqdm bar over finished episodes.
         record_episodes, video_dir, video_prefix, render_size: write the first ``record_episodes`` episodes as
-            ``{video_dir}/{video_prefix}_ep{i}.mp4`` (needs imageio-ffmpeg and a headless GL, ``MUJOCO_GL=egl``).
+            ``{video_dir}/{video_prefix}_ep{i}.mp4`` (needs imageio-ffmpeg and a headless GL, ``MUJOCO_GL=egl``: set at process start by
+            :func:`idql_cm.eval.rendering.configure_rendering`, which ``idql-cm`` calls).
 
     Returns:
-        ``{"env_id", "nfe", "episodes", "num_envs", "seed", "returns": [float] * episodes, "lengths": [int],
-        "unstable": [bool], "unstable_episodes": int, "seconds", "action_latency_ms" (mean wall time of one
-        batched action selection, host arrays in and out), "policy_calls", "env_steps" (counted steps of
-        active episodes), "env_steps_per_second", "videos": [paths]}``.
+        a :class:`Rollout` (``.to_dict()`` for JSON).
     """
     if int(episodes) < 1 or int(num_envs) < 1:
         raise ConfigError(f"evaluate: expected episodes >= 1 and num_envs >= 1, found episodes={episodes}, "
                           f"num_envs={num_envs}")
     episodes, seed, max_episode_steps = int(episodes), int(seed), int(max_episode_steps)
     n_envs = min(int(num_envs), episodes)
-    if record_episodes > 0:
-        os.environ.setdefault("MUJOCO_GL", "egl")  # read by gymnasium's renderer when it is first created
-
     policy_device = getattr(agent_or_policy_fn, "device", None)
     if generator is None and policy_device is not None and not callable_only(agent_or_policy_fn):
         generator = torch.Generator(device=torch.device(policy_device)).manual_seed(seed)
@@ -324,23 +346,23 @@ def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num
             bar.close()
         vec.close()
     seconds = time.perf_counter() - t_start
-    return {
-        "env_id": env_id if isinstance(env_id, str) else getattr(env_id, "__name__", repr(env_id)),
-        "nfe": int(nfe),
-        "episodes": episodes,
-        "num_envs": n_envs,
-        "seed": seed,
-        "returns": [float(r) for r in returns],
-        "lengths": [int(n) for n in lengths],
-        "unstable": [bool(u) for u in unstable],
-        "unstable_episodes": int(unstable.sum()),
-        "seconds": seconds,
-        "action_latency_ms": 1000.0 * latency_s / max(policy_calls, 1),
-        "policy_calls": policy_calls,
-        "env_steps": env_steps,
-        "env_steps_per_second": env_steps / seconds if seconds > 0 else float("nan"),
-        "videos": list(rec.paths),
-    }
+    return Rollout(
+        env_id=env_id if isinstance(env_id, str) else getattr(env_id, "__name__", repr(env_id)),
+        nfe=int(nfe),
+        episodes=episodes,
+        num_envs=n_envs,
+        seed=seed,
+        returns=[float(r) for r in returns],
+        lengths=[int(n) for n in lengths],
+        unstable=[bool(u) for u in unstable],
+        unstable_episodes=int(unstable.sum()),
+        seconds=seconds,
+        action_latency_ms=1000.0 * latency_s / max(policy_calls, 1),
+        policy_calls=policy_calls,
+        env_steps=env_steps,
+        env_steps_per_second=env_steps / seconds if seconds > 0 else float("nan"),
+        videos=list(rec.paths),
+    )
 
 
 def callable_only(obj) -> bool:

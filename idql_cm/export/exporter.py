@@ -24,6 +24,7 @@ from torch import nn
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.export import EXPORT_FORMAT, FORMATS, META_KEY, TS_EXTRA
 from idql_cm.export.runtime import load_exported, require_onnx
+from idql_cm.fileio import atomic_path
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4  # max |exported − eager| action difference an export is checked against before it is written
@@ -121,8 +122,8 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
                 selection: str = "softmax"):
     """The eager :class:`IDQLAgent` on the CPU, with the export's checks: ``--actor`` must be a behaviour policy
     and ``--critic`` an IQL critic of the same data (sizes and observation normaliser)."""
+    from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, load_policy, read_checkpoint
     from idql_cm.eval.agent import IDQLAgent
-    from idql_cm.modules.artifacts import check_fits_data, load_critic, load_policy, read_checkpoint
 
     try:
         actor = load_policy(str(actor_ckpt), device="cpu")
@@ -131,8 +132,8 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
     critic = None
     if critic_ckpt is not None:
         meta = read_checkpoint(str(critic_ckpt), expect_kind="iql", what="--critic")["idql_cm"]
-        check_fits_data(meta, "--critic", str(critic_ckpt), actor.obs_dim, actor.act_dim, actor.obs_mean,
-                        actor.obs_std, dataset=f"{actor.task} (the --actor's)")
+        data = DataFacts(actor.obs_dim, actor.act_dim, actor.obs_mean, actor.obs_std, f"{actor.task} (the --actor's)")
+        check_fits_data(DataFacts.of_payload(meta), data, "--critic", str(critic_ckpt))
         critic = load_critic(str(critic_ckpt), device="cpu", what="--critic")
     return IDQLAgent(actor, critic, num_candidates=candidates, temperature=temperature, selection=selection)
 
@@ -144,8 +145,8 @@ def _bounds(model, act_dim: int) -> tuple[list[float], list[float]]:
 
 
 def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: str) -> dict[str, Any]:
-    from idql_cm import __version__
-    from idql_cm.modules.common import file_sha256
+    from idql_cm._version import __version__
+    from idql_cm.fileio import file_sha256
 
     actor, idql = agent.actor, agent.critic is not None
     n = agent.num_candidates if idql else 1
@@ -195,7 +196,7 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
     output path, the checkpoints, the NFE (the sampler's own check, e.g. an even NFE for Heun), the candidates,
     temperature and selection. The traced graph is then run against the eager agent on the same noise and
     uniforms; more than :data:`TOLERANCE` apart is refused too. The file is written beside ``out`` and moved into
-    place in one ``os.replace``.
+    place in one ``os.replace`` (:func:`idql_cm.fileio.atomic_path`).
     """
     check_writable(str(out))
     fmt = format_for(str(out), fmt)
@@ -213,35 +214,21 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
         warnings.simplefilter("ignore")  # TracerWarnings: the sampler's Python checks run once, at trace time
         traced = torch.jit.trace(graph, (obs, noise, u), check_trace=False)
     meta = _metadata(agent, nfe, str(actor_ckpt), None if critic_ckpt is None else str(critic_ckpt), fmt)
-    tmp = _temp_beside(str(out))
     try:
-        _write(fmt, traced, (obs, noise, u), meta, tmp)
-        # checked on other states and another batch size than the trace saw
-        obs, noise, u = _example(agent, nfe, b=5, seed=1)
-        u = u if agent.draws_selection else None
-        got = load_exported(tmp).act(obs.numpy(), noise=noise.numpy(), u=None if u is None else u.numpy())
-        gap = float(np.abs(got - agent.act(obs, nfe, noise=noise, u=u).numpy()).max())
-        if not gap <= TOLERANCE:
-            raise CheckpointError(f"export check: expected the exported graph within {TOLERANCE:g} of the eager "
-                                  f"agent, found a max |difference| of {gap:.3g} ({fmt}, {meta['kind']}, NFE {nfe})")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:  # the checked file replaces ``out`` only if every check passed
+            _write(fmt, traced, (obs, noise, u), meta, tmp)
+            # checked on other states and another batch size than the trace saw
+            obs, noise, u = _example(agent, nfe, b=5, seed=1)
+            u = u if agent.draws_selection else None
+            got = load_exported(tmp).act(obs.numpy(), noise=noise.numpy(), u=None if u is None else u.numpy())
+            gap = float(np.abs(got - agent.act(obs, nfe, noise=noise, u=u).numpy()).max())
+            if not gap <= TOLERANCE:
+                raise CheckpointError(f"export check: expected the exported graph within {TOLERANCE:g} of the "
+                                      f"eager agent, found a max |difference| of {gap:.3g} ({fmt}, {meta['kind']}, "
+                                      f"NFE {nfe})")
     except OSError as e:
-        _unlink(tmp)
         raise ConfigError(f"--out: cannot write {out} ({e.strerror or e})") from e
-    except BaseException:
-        _unlink(tmp)
-        raise
     return ExportResult(path=str(out), metadata=meta, max_abs_diff=gap)
-
-
-def _temp_beside(out: str) -> str:
-    target = os.path.abspath(out)
-    folder, name = os.path.split(target)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out: cannot create the folder {folder} ({e.strerror})") from e
-    return os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _unlink(path: str) -> None:

@@ -12,6 +12,15 @@ from typing import Any
 
 import torch
 
+from idql_cm.checkpoint import (
+    Actor,
+    DataFacts,
+    check_fits_data,
+    edm_from_payload,
+    read_checkpoint,
+    sampling_options,
+    state_prefix,
+)
 from idql_cm.diffusion.consistency import (
     CD_WEIGHTINGS,
     ConsistencyModel,
@@ -25,8 +34,8 @@ from idql_cm.diffusion.consistency import (
 from idql_cm.diffusion.edm import EDMDenoiser
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
-from idql_cm.modules.artifacts import Actor, sampling_options, state_prefix
-from idql_cm.modules.common import IDQLModule, cosine_or_constant, file_sha256, make_optimizer
+from idql_cm.fileio import file_sha256
+from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
 from idql_cm.nets.ema import EMAWarmup, ema_update_
 from idql_cm.nets.mlp import IDQLMlp
 
@@ -285,28 +294,22 @@ class CDModule(ConsistencyBehaviour):
     def teacher(self) -> EDMDenoiser:
         return self.__dict__["_teacher"]
 
-    def preflight(self, datamodule: Any) -> None:
+    def preflight(self, datamodule: TrainingData | None) -> None:
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
-        from idql_cm.modules.artifacts import check_fits_data, read_checkpoint
-
         meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
-        if datamodule is not None and hasattr(datamodule, "normalizer"):
+        if datamodule is not None:
             norm = datamodule.normalizer
-            check_fits_data(meta, "model.teacher_ckpt", self.teacher_ckpt, int(datamodule.obs_dim),
-                            int(datamodule.act_dim), torch.as_tensor(norm.mean), torch.as_tensor(norm.std),
-                            str(datamodule.dataset))
+            data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
+                             str(datamodule.dataset))
+            check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
 
     def build(self, obs_dim: int, act_dim: int) -> None:
-        from idql_cm.modules.artifacts import check_fits_data, read_checkpoint
-
         ckpt = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-        check_fits_data(meta, "model.teacher_ckpt", self.teacher_ckpt, obs_dim, act_dim, self.obs_mean, self.obs_std,
-                        self.data_info.get("dataset"))
+        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
+        check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
         self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
-        teacher = EDMDenoiser(IDQLMlp(obs_dim, act_dim, **net_kwargs(meta["net"])), **{
-            k: meta["method"][k] for k in ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")})
-        teacher.load_state_dict(state_prefix(state, "ema_model."))
+        teacher = edm_from_payload(meta, state, "ema_model.", f"model.teacher_ckpt {self.teacher_ckpt}")
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
         self.model = self.wrap(IDQLMlp(obs_dim, act_dim, **self.net_kw))
         check_teacher_compatible(self.model, teacher)

@@ -8,6 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
+from idql_cm.lightning_compat import last_saved_step
+
 
 class FinalCheckpoint(pl.Callback):
     """Writes ``last.ckpt`` at the final step when the periodic checkpoints did not land on it.
@@ -22,7 +24,7 @@ class FinalCheckpoint(pl.Callback):
             if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
                 continue
             path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-            if cb.last_model_path == path and getattr(cb, "_last_global_step_saved", -1) == trainer.global_step:
+            if cb.last_model_path == path and last_saved_step(cb) == trainer.global_step:
                 continue
             trainer.save_checkpoint(path)
             cb.last_model_path = path
@@ -35,6 +37,8 @@ class StepProgressBar(TQDMProgressBar):
     total of ``max_steps`` and its rate would be K times too low. This one shows ``global_step / max_steps`` and
     steps per second, also after a resume.
     """
+
+    _shown = 0  # the step the bar last showed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
@@ -53,7 +57,7 @@ class StepProgressBar(TQDMProgressBar):
             return
         n = int(trainer.global_step)
         # every refresh_rate steps, also when K-step jumps skip over the multiple itself
-        if n // self.refresh_rate > getattr(self, "_shown", 0) // self.refresh_rate or n == bar.total:
+        if n // self.refresh_rate > self._shown // self.refresh_rate or n == bar.total:
             self._shown = n
             bar.n = n
             bar.refresh()

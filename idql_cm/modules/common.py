@@ -6,32 +6,55 @@ The modules are thin: the math lives in :mod:`idql_cm.nets` and :mod:`idql_cm.di
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from idql_cm.checkpoint import DataFacts, check_fits_data, check_payload, make_payload
 from idql_cm.data.datamodule import resolve_seed, step_seed
-from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
-
-#: Bumped whenever the checkpoint payload changes incompatibly; older payloads are refused.
-FORMAT_VERSION = 1
+from idql_cm.errors import ConfigError, NonFiniteError
+from idql_cm.lightning_compat import (
+    checkpoint_every_n_train_steps,
+    last_saved_step,
+    logs_this_iteration,
+    migrate_loop_progress,
+    set_logging_step,
+    trainer_of,
+)
 
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class TrainingData(Protocol):
+    """What the modules read from their data module (:class:`~idql_cm.data.datamodule.TDDataModule`): the sizes,
+    the observation normaliser (``mean`` / ``std``, ``[obs_dim]``) and the facts a checkpoint records."""
+
+    obs_dim: int
+    act_dim: int
+    normalizer: Any
+    dataset: str
+    env_id: str | None
+    num_transitions: int
+
+
+@runtime_checkable
+class FusableData(Protocol):
+    """A data module that makes ``steps_per_batch`` steps' batches per item (``[K, B, ...]``) when told to
+    (:class:`~idql_cm.data.datamodule.TDDataModule`); ``model.fused_steps`` needs one."""
+
+    steps_per_batch: int
+
+
+@runtime_checkable
+class StepPeriodic(Protocol):
+    """A callback that acts every ``every_n_steps`` optimiser steps (e.g. ``RolloutEvaluation``)."""
+
+    every_n_steps: int
 
 
 def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int):
@@ -59,7 +82,7 @@ class IDQLModule(pl.LightningModule):
     """Base class: holds the dataset facts every checkpoint must carry and the shared training plumbing.
 
     Subclasses set ``kind`` and implement ``build(obs_dim, act_dim)`` (create the networks) and
-    ``payload()`` (the architecture hyper-parameters for :mod:`idql_cm.modules.artifacts`).
+    ``payload()`` (the architecture hyper-parameters for the checkpoint payload, :mod:`idql_cm.checkpoint`).
     """
 
     kind: str = "?"
@@ -67,7 +90,7 @@ class IDQLModule(pl.LightningModule):
     def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False,
                  fused_steps: int = 1) -> None:
         """``fused_steps``: gradient updates per Trainer iteration (K). The Trainer's per-iteration work (batch
-        fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, scripts/bench.py)
+        fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, python -m benchmarks)
         is then paid once per K updates. The training is the same for any K, bit for bit: every update draws its
         own batch and seeds its own noise by its global step, and global_step counts updates. K is lowered to the
         largest divisor of log_every_n_steps and of the checkpoint and evaluation periods, with a warning."""
@@ -79,7 +102,7 @@ class IDQLModule(pl.LightningModule):
         # Manual optimisation: training_step runs backward, the optimiser, the EMA / target update and the LR
         # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step), and Lightning's automatic
         # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs ~0.1-0.15 ms more per step on these
-        # CPUs (scripts/bench.py --ablate: its floor), 1.5% of an IQL step.
+        # CPUs (python -m benchmarks --ablate: its floor), 1.5% of an IQL step.
         self.automatic_optimization = False
         self.compile_nets = bool(compile)
         if nonfinite not in ("stop", "skip"):
@@ -110,9 +133,9 @@ class IDQLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+        dm: TrainingData | None = self.trainer.datamodule
         self._fused = self._effective_fused_steps() if stage == "fit" else 1
-        if hasattr(dm, "steps_per_batch"):
+        if isinstance(dm, FusableData):
             dm.steps_per_batch = self._fused  # K batches per item, [K, B, ...]
         elif self._fused > 1:
             self._warn(f"model.fused_steps: the data module {type(dm).__name__} makes one batch per iteration; "
@@ -146,7 +169,7 @@ class IDQLModule(pl.LightningModule):
     def payload(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def preflight(self, datamodule: Any) -> None:
+    def preflight(self, datamodule: TrainingData | None) -> None:
         """Check the artefacts this module needs against the data before any work (the CLI calls it after
         instantiation, before ``fit`` / ``validate`` writes anything); subclasses with a partner checkpoint override."""
 
@@ -167,41 +190,22 @@ class IDQLModule(pl.LightningModule):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
                 f"was not written, {self._last_good_checkpoint()} ({hint})")
-        checkpoint["idql_cm"] = {
-            "format": FORMAT_VERSION,
-            "kind": self.kind,
-            "obs_dim": self.obs_dim,
-            "act_dim": self.act_dim,
-            "normalizer": {"mean": self.obs_mean.tolist(), "std": self.obs_std.tolist()},
-            **self.data_info,
-            **self.payload(),
-            "skipped_steps": self.skipped_steps,
-        }
+        checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
+                                             self.data_info, self.payload(), self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("idql_cm")
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        where = f"checkpoint {path}" if path else "checkpoint"
-        if meta is None:
-            raise CheckpointError(f"{where}: expected an idql-cm checkpoint of kind '{self.kind}', found one without "
-                                  "the 'idql_cm' payload")
-        if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: checkpoint format {meta.get('format')} is not supported (this idql-cm "
-                                  f"reads format {FORMAT_VERSION}); retrain or use the idql-cm version that wrote it")
-        if meta.get("kind") != self.kind:
-            raise CheckpointError(f"{where}: expected a '{self.kind}' checkpoint to resume {type(self).__name__}, "
-                                  f"found kind '{meta.get('kind')}'")
-        from idql_cm.modules.artifacts import check_fits_data
-
+        trainer = trainer_of(self)
+        path = trainer.ckpt_path if trainer is not None else None
+        meta = check_payload(checkpoint.get("idql_cm"), self.kind, "checkpoint", str(path))
         # Resuming on other data would silently replace this data's normaliser by the checkpoint's (the buffers
         # load with the weights): refuse while fitting. validate / test use the checkpoint's normaliser, as they should.
-        fitting = self._trainer is not None and getattr(self.trainer.state.fn, "value", None) == "fit"
+        fitting = trainer is not None and trainer.state.fn == "fit"
         if self.obs_dim is not None:
-            check_fits_data(meta, "--ckpt_path", str(path), int(self.obs_dim), int(self.act_dim),
-                            self.obs_mean if fitting else None, self.obs_std if fitting else None,
-                            self.data_info.get("dataset"))
+            data = DataFacts(int(self.obs_dim), int(self.act_dim), self.obs_mean if fitting else None,
+                             self.obs_std if fitting else None, self.data_info.get("dataset"))
+            check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path", str(path))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
-        _migrate_loop_progress(checkpoint)
+        migrate_loop_progress(checkpoint)
 
     # ------------------------------------------------------------------ per-step plumbing
     def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
@@ -214,11 +218,10 @@ class IDQLModule(pl.LightningModule):
         if k > 1:  # batch: [K, B, ...]
             left = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else k
             k = max(1, min(k, left))  # the last iteration of a run whose max_steps is not a multiple of K
-            # Lightning's logging period and x-axis count iterations (epoch_loop._batches_that_stepped, which it adds
-            # 1 to after each one). Count updates instead, as with K = 1: this iteration logs when its last update
-            # completes a period, at that update's index.
-            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step + k - 1
-        log = self._lightning_logs_now()  # whether this iteration logs: asked once (~20 µs a question)
+            # Lightning's logging period and x-axis count iterations. Count updates instead, as with K = 1: this
+            # iteration logs when its last update completes a period, at that update's index.
+            set_logging_step(self.trainer, self.global_step + k - 1)
+        log = logs_this_iteration(self.trainer)  # whether this iteration logs: asked once (~20 µs a question)
         for i in range(k):
             self._update(batch if self._fused == 1 else {key: t[i] for key, t in batch.items()}, log and i == k - 1)
         self._flush_logs()
@@ -240,7 +243,7 @@ class IDQLModule(pl.LightningModule):
         # Randomness of step k is a function of (seed, rank, k): exact resume without saved RNG state.
         seed = step_seed(resolve_seed(None), self.global_rank, self.global_step, stream=1)
         # Only the generators in use: torch.manual_seed also seeds uninitialised CUDA/XPU/MTIA back-ends, each
-        # recording a stack trace, ~0.5 ms a step on CPU (scripts/bench.py --ablate).
+        # recording a stack trace, ~0.5 ms a step on CPU (python -m benchmarks --ablate).
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -290,7 +293,7 @@ class IDQLModule(pl.LightningModule):
         """``fused_steps``, lowered to divide every period counted in steps (logging, checkpoints, evaluation):
         callbacks act between iterations, so a period must end on an iteration's last update."""
         k = self.fused_steps
-        trainer = self._trainer
+        trainer = trainer_of(self)
         if k == 1 or trainer is None:
             return k
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -298,8 +301,8 @@ class IDQLModule(pl.LightningModule):
         periods = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint):
-                periods[f"{type(cb).__name__}.every_n_train_steps"] = getattr(cb, "_every_n_train_steps", 0)
-            elif isinstance(getattr(cb, "every_n_steps", None), int):
+                periods[f"{type(cb).__name__}.every_n_train_steps"] = checkpoint_every_n_train_steps(cb)
+            elif isinstance(cb, StepPeriodic) and isinstance(cb.every_n_steps, int):
                 periods[f"{type(cb).__name__}.every_n_steps"] = cb.every_n_steps
         g = k
         for p in periods.values():
@@ -323,7 +326,7 @@ class IDQLModule(pl.LightningModule):
         """
         if self._log_now is not None:  # set by training_step for the current update
             return self._log_now
-        return self._lightning_logs_now()
+        return logs_this_iteration(trainer_of(self))
 
     def watch_finite(self, name: str, value: torch.Tensor) -> None:
         """Have ``value`` (a loss of this step) checked for NaN/Inf before this step's update.
@@ -336,12 +339,6 @@ class IDQLModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._log_now = None  # outside a training step, should_log() asks Lightning again
-
-    def _lightning_logs_now(self) -> bool:
-        try:
-            return bool(self.trainer._logger_connector.should_update_logs)
-        except (AttributeError, RuntimeError, NotImplementedError):
-            return False
 
     def _params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """The optimiser's parameters, listed once (walking the param groups every step costs ~30 µs)."""
@@ -358,7 +355,7 @@ class IDQLModule(pl.LightningModule):
         if not (check or log):
             return
         # The gradients cost one pass over them (~0.3 ms a step for IQL's critics and ~0.8 ms for the 1.6M-parameter
-        # nets on a 2-core CPU, scripts/bench.py --ablate): skip mode reads them before every checked update, as it
+        # nets on a 2-core CPU, python -m benchmarks --ablate): skip mode reads them before every checked update, as it
         # must act before a bad update; stop mode only on logging steps (train/grad_norm), because a non-finite
         # gradient that gets through makes the weights, hence the next step's loss, non-finite: training stops
         # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
@@ -386,7 +383,7 @@ class IDQLModule(pl.LightningModule):
         if not terms:
             return
         total = torch.stack(terms).sum()
-        trainer = self._trainer
+        trainer = trainer_of(self)
         if trainer is not None and trainer.world_size > 1:
             # every rank decides the same: a skip on one rank only would make the replicas diverge
             total = trainer.strategy.reduce(total, reduce_op="sum")
@@ -473,10 +470,11 @@ class IDQLModule(pl.LightningModule):
         return None
 
     def _last_good_checkpoint(self) -> str:
-        cb = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "") if cb is not None else ""
+        trainer = trainer_of(self)
+        cb = trainer.checkpoint_callback if trainer is not None else None
+        path = (cb.last_model_path or cb.best_model_path) if cb is not None else ""
         if path and os.path.isfile(path):
-            step = getattr(cb, "_last_global_step_saved", None)
+            step = last_saved_step(cb)
             return f"the last good checkpoint is kept: {path}" + (f" (step {step})" if step else "")
         return "no checkpoint had been written yet"
 
@@ -491,32 +489,10 @@ class IDQLModule(pl.LightningModule):
             self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
                        "values (model.init_args.nonfinite: skip)")
 
-    def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_mean) / self.obs_std
-
     def total_steps(self) -> int:
-        ms = getattr(self.trainer, "max_steps", -1) if self._trainer is not None else -1
+        trainer = trainer_of(self)
+        ms = trainer.max_steps if trainer is not None else -1
         if ms is None or ms <= 0:
             raise ConfigError("trainer.max_steps: expected a positive step count (training is step-based), found "
                               f"{ms}")
         return int(ms)
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def finite_or_nan(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
-
-
-def _migrate_loop_progress(checkpoint: dict[str, Any]) -> None:
-    """Checkpoints written before the modules stepped their optimisers themselves (idql-cm 0.1.0, Lightning's
-    automatic optimisation) count steps in the automatic loop's progress; in manual optimisation Lightning reads the
-    step count from the manual loop's, and would restart at step 0. Copy it over (in place, before the loops load)."""
-    fit = checkpoint.get("loops", {}).get("fit_loop", {})
-    auto = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
-    manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
-    if auto and manual is not None and manual.get("total", {}).get("completed", 0) == 0 \
-            and auto.get("total", {}).get("completed", 0) > 0:
-        fit["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(auto)

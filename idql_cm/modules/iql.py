@@ -108,6 +108,3 @@ class IQLModule(IDQLModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """No-op (a critic has nothing to roll out on its own)."""
-
-    def advantage(self, obs_norm: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        return (self.q_target(obs_norm, act) - self.v(obs_norm)).squeeze(-1)

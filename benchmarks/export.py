@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark of the exported agent (``make bench`` key ``export``): ms per decision, raw observations in, actions out.
 
 For 1 state and 50 states, each with 256 candidates, at NFE 1, 2 and 4: onnxruntime (CPU) on the exported ONNX
@@ -8,8 +7,8 @@ synthetic HalfCheetah-shaped file: the weights do not matter for speed, the arch
 are timed in interleaved rounds (the machine is shared; its slow spells then hit all three), and the median over
 all calls is reported.
 
-    .venv/bin/python scripts/bench_export.py [--quick] [--out FILE]     # alone
-    make bench                                                          # as part of scripts/bench.py
+    .venv/bin/python -m benchmarks.export [--quick] [--out FILE]     # alone
+    make bench                                                       # as part of python -m benchmarks
 """
 
 from __future__ import annotations
@@ -25,14 +24,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import yaml
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks.harness import NFES, ROOT, loadavg
+from benchmarks.tables import export_lines
 
-NFES = (1, 2, 4)
 # rounds x runtimes x NFEs blocks per batch size, each >= min_calls calls and >= min_seconds: ~1.5 min on 2 quiet cores
 FULL = {"configs": "halfcheetah-medium-v2", "candidates": 256, "batches": (1, 50), "rounds": 3, "min_calls": 2,
         "min_seconds": 0.5, "kind": "ct"}
@@ -41,18 +39,34 @@ QUICK = {**FULL, "configs": "demo", "candidates": 16, "batches": (1, 4), "rounds
 RUNTIMES = ("onnxruntime", "torchscript", "eager")
 
 
+def two_step_config(src: Path, dst: Path, root: Path, dataset: str) -> Path:
+    """A shipped config trained for 2 steps on ``dataset`` under ``root``: no evaluation, no progress bar."""
+    cfg = yaml.safe_load(src.read_text())
+    cfg["trainer"].update(max_steps=2, default_root_dir=str(root), log_every_n_steps=1, enable_progress_bar=False)
+    callbacks = []
+    for cb in cfg["trainer"].get("callbacks", []):
+        if cb["class_path"].endswith(("ProgressBar", "RolloutEvaluation")):
+            continue
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"]["every_n_train_steps"] = 1
+        callbacks.append(cb)
+    cfg["trainer"]["callbacks"] = callbacks
+    cfg["data"].update(dataset=dataset, batch_size=32)
+    dst.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dst
+
+
 def make_checkpoints(work: Path, cfg: dict[str, Any]) -> tuple[str, str]:
     """A CT (or ``cfg['kind']``) and an IQL checkpoint of the shipped configs, 2 training steps, via the CLI."""
     from idql_cm.cli import main
-    from tests.cli_utils import CONFIGS, shrink_config
-    from tests.synth import write_d4rl_file
+    from idql_cm.data.synthetic import write_d4rl_file
 
     data = write_d4rl_file(work / "bench_export.hdf5", n_episodes=2, episode_len=100, obs_dim=17, act_dim=6,
                            with_infos=False, env_id="HalfCheetah-v5")
     out = []
     for stage in ("iql", cfg["kind"]):
-        cfg_path = shrink_config(CONFIGS / cfg["configs"] / f"{stage}.yaml", work / f"{stage}.yaml", work / stage,
-                                 str(data), steps=2, keep_eval=False)
+        cfg_path = two_step_config(ROOT / "configs" / cfg["configs"] / f"{stage}.yaml", work / f"{stage}.yaml",
+                                   work / stage, str(data))
         if main(["fit", "--config", str(cfg_path), "--trainer.logger", "false"]) != 0:
             raise RuntimeError(f"bench_export: training {cfg_path} failed")
         out.append(str(work / stage / "checkpoints" / "last.ckpt"))
@@ -70,13 +84,6 @@ def _time_calls(fn, x: np.ndarray, min_calls: int, min_seconds: float) -> list[f
     return times
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def bench_export(cfg: dict[str, Any] | None = None, work: str | None = None, log=print) -> dict[str, Any]:
     """Measure; returns the ``export`` record of ``benchmarks/results.json``.
 
@@ -90,7 +97,7 @@ def bench_export(cfg: dict[str, Any] | None = None, work: str | None = None, log
     from idql_cm.export.exporter import export_agent
 
     cfg = dict(cfg or FULL)
-    load_start = _loadavg()
+    load_start = loadavg()
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="idql_bench_export_", dir=work) as tmp:
         tmp = Path(tmp)
@@ -144,7 +151,7 @@ def bench_export(cfg: dict[str, Any] | None = None, work: str | None = None, log
         "ms_per_decision": ms,
         "export_seconds": export_s,
         "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
+        "loadavg_end": loadavg(),
         "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                      "temperature": 100.0, "selection": "softmax",
                      "nets": f"configs/{cfg['configs']}/{{{cfg['kind']},iql}}.yaml (2 training steps)",
@@ -161,20 +168,6 @@ def _ts_call(module, obs: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(obs)).numpy()
 
 
-def table_lines(res: dict[str, Any]) -> list[str]:
-    """Markdown rows of the ``export`` record (used by scripts/bench.py's summary table)."""
-    s = res["settings"]
-    lines = [f"| exported agent, {s['candidates']} candidates (ms/decision) | NFE | onnxruntime | TorchScript | "
-             "eager load_agent | onnxruntime speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, rows in res["ms_per_decision"].items():
-        states, _, one = label[1:].partition("_")
-        for nfe in NFES:
-            o = rows[f"nfe{nfe}"]
-            lines.append(f"| {states} state(s){', 1 thread' if one else ''} | {nfe} | {o['onnxruntime']:.2f} | "
-                         f"{o['torchscript']:.2f} | {o['eager']:.2f} | {o['onnxruntime_speedup_vs_eager']:.2f}× |")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
@@ -183,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     res = bench_export(QUICK if args.quick else FULL)
-    print("\n".join(table_lines(res)))
+    print("\n".join(export_lines(res)))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -1,4 +1,4 @@
-"""Synthetic D4RL-layout HDF5 files for tests (shared by the test modules; no simulator needed).
+"""Synthetic files of the real D4RL HDF5 layout, for tests and benchmarks (no simulator, no download).
 
 ``write_d4rl_file(path, ...)`` writes what a D4RL v2 file holds: ``observations [N, obs_dim]``, ``actions [N, act_dim]``
 (in [-1, 1]), ``rewards [N]``, ``terminals [N]`` (bool), ``timeouts [N]`` (bool), ``next_observations [N, obs_dim]``,
