@@ -24,7 +24,7 @@ demo: $(STAMP)
 	@$(BIN)/python scripts/run_pipeline.py --preset demo --out results/demo
 
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	@$(BIN)/python -m pytest -q -m "not slow"

@@ -394,7 +394,9 @@ def test_wrong_critic(case, data, artefacts, tmp_path, capsys):
     needles = {"sizes": ["11/3", "17/6", data["B"], data["A"]], "normaliser": ["normalisers differ", data["C"], data["A"]],
                "kind": ["expected a checkpoint of kind 'iql'", "'edm'"], "format": ["format 0", "format 1"],
                "missing": ["no IQL checkpoint", "train the IQL stage first"]}[case]
-    cfg = _config(tmp_path, "edm", "edm", data["A"], eval_args={"critic_ckpt": str(ckpt)})
+    # the synthetic data names no environment (which skips evaluation before any critic is read): name one here
+    cfg = _config(tmp_path, "edm", "edm", data["A"],
+                  eval_args={"critic_ckpt": str(ckpt), "env_id": "HalfCheetah-v5"})
     rc, err = _cli(capsys, "fit", "--config", cfg)
     _error_line(rc, err, "RolloutEvaluation.critic_ckpt", ckpt, *needles)
     assert not (tmp_path / "edm").exists()
