@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from idql_cm.fileio import pid_alive
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 TOY_STAGES = ("edm", "ct", "cd")
@@ -192,15 +194,7 @@ def _running_elsewhere(job: Job) -> bool:
         pid = int(marker.read_text())
     except (OSError, ValueError):
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tuple[Job, Path]:

@@ -23,7 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
     The temporary file (``.<name>.<pid>.<random>.tmp``, created empty) sits in the target's own folder, so the
     rename never crosses file systems. If the block raises, it is removed and ``path`` is untouched; a process
-    killed mid-write leaves ``path`` intact and a stray temporary file, which the next write of the same name
+    killed mid-write leaves ``path`` intact and a stray temporary file, which the next write into that folder
     removes.
     """
     target = os.path.abspath(os.fspath(path))
@@ -63,24 +63,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _is_stale_temp(entry: str, name: str) -> bool:
-    """A temporary file of :func:`atomic_path` that no write will finish: one for ``name`` (this write replaces it),
-    or one whose writing process is gone."""
-    m = _TEMP.match(entry)
-    if m is None:
-        return False
-    if m["name"] == name:
-        return True
-    pid = int(m["pid"])
-    if pid == os.getpid():
-        return False
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0; a process of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except OSError:
         return False
-    return False
+    except OSError:
+        return True
+    return True
+
+
+def _is_stale_temp(entry: str, name: str) -> bool:
+    """A temporary file of :func:`atomic_path` that no write will finish: its writing process is gone. A live
+    writer's file is left alone, also one for the same ``name`` (its ``os.replace`` would fail without it)."""
+    m = _TEMP.match(entry)
+    return m is not None and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"]))
 
 
 def _unlink(path: str) -> None:

@@ -8,16 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from idql_cm.data.d4rl import (
-    d4rl_file_name,
-    d4rl_task_of,
-    iql_episode_returns,
-    iql_reward_scale,
-    load_d4rl,
-    read_env_id,
-    resolve_source,
-)
+from idql_cm.data.d4rl import iql_episode_returns, iql_reward_scale, load_d4rl, read_env_id
 from idql_cm.data.scores import REF_SCORES, gym_env_id, normalized_score, task_family
+from idql_cm.data.sources import d4rl_file_name, d4rl_task_of, resolve_source
 from idql_cm.data.synthetic import make_d4rl_arrays, write_arrays, write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
 

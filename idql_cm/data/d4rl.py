@@ -28,12 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from idql_cm.data.sources import (  # noqa: F401  (re-exported: the names' old home)
-    D4RL_FAMILIES,
+from idql_cm.data.sources import (
     D4RL_URL_PREFIX,
     MINARI_PREFIX,
-    d4rl_dataset_dir,
-    d4rl_file_name,
     d4rl_task_of,
     minari_dataset_dir,
     minari_env_id,
@@ -43,21 +40,7 @@ from idql_cm.data.sources import (  # noqa: F401  (re-exported: the names' old h
 from idql_cm.data.validation import check_arrays
 from idql_cm.errors import DataError
 
-__all__ = [
-    "DataWarning",
-    "D4RL_FAMILIES",
-    "D4RL_URL_PREFIX",
-    "MINARI_PREFIX",
-    "d4rl_dataset_dir",
-    "d4rl_file_name",
-    "d4rl_task_of",
-    "iql_reward_scale",
-    "load_d4rl",
-    "parse_d4rl_id",
-    "qlearning_arrays",
-    "read_env_id",
-    "resolve_source",
-]
+__all__ = ["DataWarning", "iql_episode_returns", "iql_reward_scale", "load_d4rl", "qlearning_arrays", "read_env_id"]
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
 

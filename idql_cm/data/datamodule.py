@@ -29,16 +29,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from idql_cm.data.d4rl import (
-    DataWarning,
-    d4rl_task_of,
-    iql_reward_scale,
-    load_d4rl,
-    read_env_id,
-    resolve_source,
-)
+from idql_cm.data.d4rl import DataWarning, iql_reward_scale, load_d4rl, read_env_id
 from idql_cm.data.normalizer import ObsNormalizer
 from idql_cm.data.scores import task_family
+from idql_cm.data.sources import d4rl_task_of, resolve_source
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.lightning_compat import consumed_batches
 

@@ -27,8 +27,9 @@ def dataset_level(source: str | None) -> dict[str, Any] | None:
         return None
     import h5py
 
-    from idql_cm.data.d4rl import read_env_id, resolve_source
+    from idql_cm.data.d4rl import read_env_id
     from idql_cm.data.scores import normalized_score, task_family
+    from idql_cm.data.sources import resolve_source
 
     try:
         path = resolve_source(source)
