@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 from typing import Any, Protocol
 
@@ -335,7 +336,7 @@ class RolloutEvaluation(Callback):
         first_seed = rows[0]["seed"]
         return Rollout(env_id=roll.env_id, nfe=roll.nfe, episodes=len(gathered["returns"]),
                        num_envs=sum(int(p["num_envs"]) for p in rows),
-                       seed=None if first_seed != first_seed else int(first_seed),
+                       seed=None if math.isnan(first_seed) else int(first_seed),
                        returns=gathered["returns"], lengths=[int(x) for x in gathered["lengths"]], unstable=unstable,
                        unstable_episodes=sum(unstable), seconds=seconds,
                        action_latency_ms=sum(p["latency_sum"] for p in rows) / calls if calls else float("nan"),
