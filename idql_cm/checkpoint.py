@@ -12,6 +12,7 @@ The training modules (:mod:`idql_cm.modules`) write it.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import zipfile
@@ -26,6 +27,7 @@ from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError
 from idql_cm.nets.critics import TwinQ, ValueNet
+from idql_cm.nets.ensemble import StackedIDQLMlp
 from idql_cm.nets.mlp import IDQLMlp
 
 #: Bumped whenever the checkpoint payload changes incompatibly; older payloads are refused.
@@ -137,6 +139,35 @@ def state_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+#: the state-dict prefixes of the networks that an S-member checkpoint stacks (``[S, ...]`` under the solo names)
+MEMBER_PREFIXES = ("model.net.", "ema_model.net.", "target_model.net.", "q.", "q_target.", "v.")
+
+
+def num_members(meta: Mapping[str, Any]) -> int:
+    """How many members (seeds trained side by side, ``num_seeds``) a checkpoint's payload holds."""
+    return int(meta.get("num_seeds", 1))
+
+
+def member_state(state: Mapping[str, torch.Tensor], member: int) -> dict[str, torch.Tensor]:
+    """Member ``member``'s solo state dict from an S-member state dict (the other entries as they are)."""
+    return {k: v[member] if k.startswith(MEMBER_PREFIXES) else v for k, v in state.items()}
+
+
+def pick_member(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], member: int | None, what: str,
+                path: str) -> Mapping[str, torch.Tensor]:
+    """The solo weights of ``member`` (None: the only one) of a checkpoint, or a one-line refusal."""
+    held = num_members(meta)
+    if member is None:
+        if held > 1:
+            raise CheckpointError(f"{what}: {path} holds {held} members (num_seeds: {held}); pass member=k with k in "
+                                  f"0..{held - 1}")
+        return state
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < held:
+        raise CheckpointError(f"{what}: {path} holds {held} member(s); expected member in 0..{held - 1}, found "
+                              f"{member!r}")
+    return state if held == 1 else member_state(state, member)
+
+
 def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:
     try:
         model.load_state_dict(state_prefix(state, prefix))
@@ -146,10 +177,13 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], pre
 
 
 def edm_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
-                     prefix: str = "ema_model.", where: str = "EDM checkpoint") -> EDMDenoiser:
+                     prefix: str = "ema_model.", where: str = "EDM checkpoint", num_members: int = 1) -> EDMDenoiser:
     """The EDM denoiser an ``edm`` payload describes (network and method hyper-parameters), with the weights under
-    ``prefix`` of ``state`` (the EMA copy by default; ``state=None``: fresh weights). ``where`` starts the error."""
-    model = EDMDenoiser(IDQLMlp(payload["obs_dim"], payload["act_dim"], **payload["net"]), **payload["method"])
+    ``prefix`` of ``state`` (the EMA copy by default; ``state=None``: fresh weights). ``where`` starts the error.
+    ``num_members`` S > 1: the S-member denoiser of an S-member state (``[S, ...]`` weights)."""
+    dims = (payload["obs_dim"], payload["act_dim"])
+    net = IDQLMlp(*dims, **payload["net"]) if num_members == 1 else StackedIDQLMlp(num_members, *dims, **payload["net"])
+    model = EDMDenoiser(net, **payload["method"])
     if state is not None:
         _load_weights(model, state, prefix, where)
     return model
@@ -252,10 +286,25 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def load_policy(path: str, device=None) -> Actor:
-    """Rebuild the EMA behaviour policy of an EDM, CD or CT checkpoint."""
+def _rng_neutral(load):
+    """Run a loader under ``torch.random.fork_rng``: rebuilding nets draws initial weights (then overwritten) from
+    torch's global generator, and a load must not move it. The CLI's preflight loads the critic after
+    ``seed_everything`` and before the module builds its nets; without this a solo run's initial weights depended on
+    whether (and which) critic the evaluation callback names, and member k of an ensemble (which builds under its own
+    ``manual_seed``) stopped matching the solo run of its seed."""
+    @functools.wraps(load)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):  # the nets are built on the CPU, then moved
+            return load(*args, **kwargs)
+    return wrapped
+
+
+@_rng_neutral
+def load_policy(path: str, device=None, member: int | None = None) -> Actor:
+    """Rebuild the EMA behaviour policy of an EDM, CD or CT checkpoint (``member`` k of an S-member one)."""
     ckpt = read_checkpoint(path, expect_kind=ACTOR_KINDS, what="actor checkpoint")
-    meta, state = ckpt["idql_cm"], ckpt["state_dict"]
+    meta = ckpt["idql_cm"]
+    state = pick_member(meta, ckpt["state_dict"], member, "actor checkpoint", path)
     where = f"actor checkpoint {path}"
     if meta["kind"] == "edm":
         model = edm_from_payload(meta, state, "ema_model.", where)
@@ -269,10 +318,13 @@ def load_policy(path: str, device=None) -> Actor:
                  env_id=meta.get("env_id"), task=meta.get("dataset"), **sampling_options(meta, dev))
 
 
-def load_critic(path: str, device=None, what: str = "critic checkpoint") -> Critic:
-    """Rebuild the target twin-Q and V of an IQL checkpoint (``what`` names where the path came from)."""
+@_rng_neutral
+def load_critic(path: str, device=None, what: str = "critic checkpoint", member: int | None = None) -> Critic:
+    """Rebuild the target twin-Q and V of an IQL checkpoint (``what`` names where the path came from; ``member`` k of
+    an S-member one)."""
     ckpt = read_checkpoint(path, expect_kind="iql", what=what)
-    meta, state = ckpt["idql_cm"], ckpt["state_dict"]
+    meta = ckpt["idql_cm"]
+    state = pick_member(meta, ckpt["state_dict"], member, what, path)
     q = TwinQ(meta["obs_dim"], meta["act_dim"], meta["hidden_dim"])
     v = ValueNet(meta["obs_dim"], meta["hidden_dim"])
     _load_weights(q, state, "q_target.", f"{what} {path}")

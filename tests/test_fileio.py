@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-
 from idql_cm.fileio import atomic_path, atomic_write, pid_alive
 
 

@@ -119,10 +119,12 @@ class TDBatchIterable:
         seed: base seed; ``rank``: this process's rank.
         start_step: callable returning the first step (default 0).
         steps_per_item: batches per item (K).
+        member_seeds: several seeds in one run (``num_seeds``): member k's batch of step s is what a solo stream of
+            seed ``member_seeds[k]`` draws, and an item is ``{key: [S, B, ...]}`` (``[K, S, B, ...]``), one gather.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int = 0, start_step=None,
-                 steps_per_item: int = 1):
+                 steps_per_item: int = 1, member_seeds: list[int] | None = None):
         self.tensors = tensors
         self.packed, self._cols = pack_columns(tensors)
         self._shapes = {k: tuple(t.shape[1:]) for k, t in tensors.items()}
@@ -138,9 +140,15 @@ class TDBatchIterable:
         if self.steps_per_item < 1:
             raise ConfigError(f"steps_per_item: expected a positive integer, found {steps_per_item!r}")
         self._gen = torch.Generator(device=self.device)
+        self.member_seeds = None if member_seeds is None else [int(m) for m in member_seeds]
 
     def _indices(self, step: int, gen: torch.Generator) -> torch.Tensor:
-        gen.manual_seed(step_seed(self.seed, self.rank, step))  # host-side: no device sync
+        if self.member_seeds is not None:  # [S·B]: member k's solo indices, member after member
+            return torch.cat([self._solo_indices(m, step, gen) for m in self.member_seeds])
+        return self._solo_indices(self.seed, step, gen)
+
+    def _solo_indices(self, seed: int, step: int, gen: torch.Generator) -> torch.Tensor:
+        gen.manual_seed(step_seed(seed, self.rank, step))  # host-side: no device sync
         return torch.randint(self.num_rows, (self.batch_size,), generator=gen, device=self.device)
 
     def _draw(self, step: int, gen: torch.Generator, steps: int = 1) -> dict[str, torch.Tensor]:
@@ -148,9 +156,10 @@ class TDBatchIterable:
         for more (one gather of steps·B rows; the keys are column views of it)."""
         idx = self._indices(step, gen) if steps == 1 else torch.cat([self._indices(s, gen)
                                                                     for s in range(step, step + steps)])
-        rows = self.packed.index_select(0, idx)  # [steps·B, W]
-        if steps > 1:
-            rows = rows.view(steps, self.batch_size, -1)
+        rows = self.packed.index_select(0, idx)  # [steps·(S·)B, W]
+        lead = ((steps,) if steps > 1 else ()) + ((len(self.member_seeds),) if self.member_seeds is not None else ())
+        if lead:
+            rows = rows.view(*lead, self.batch_size, -1)
         if self._flat:  # one split into the five column views (~2 µs; five slices cost ~10)
             return dict(zip(self._cols, rows.split(self._widths, dim=-1), strict=True))
         return column_views(rows, self._cols, self._shapes)
@@ -229,6 +238,8 @@ class TDDataModule(L.LightningDataModule):
         self._env_id: Any = _UNSET
         #: batches per Trainer iteration, set by a module that makes several updates per iteration (fused_steps)
         self.steps_per_batch = 1
+        #: members trained side by side, set by a module with ``num_seeds: S`` (batches ``[S, B, ...]``)
+        self.num_members = 1
 
     # ----------------------------------------------------------------------------------------- lazy dataset
     @property
@@ -359,7 +370,17 @@ class TDDataModule(L.LightningDataModule):
             start_step=(lambda: _consumed_batches(self.trainer)) if self.steps_per_batch == 1
             else (lambda: int(getattr(self.trainer, "global_step", 0) or 0)),
             steps_per_item=self.steps_per_batch,
+            member_seeds=self.member_seeds(),
         )
+
+    def member_seeds(self) -> list[int] | None:
+        """The batch seeds of the members of a ``num_seeds: S`` run (None for one member). Member k draws what a solo
+        run of seed ``s + k`` draws: ``s + k`` when the batch seed comes from ``seed_everything: s``; with an explicit
+        ``data.seed: d`` a solo run draws from ``d`` whatever its seed, so every member does."""
+        if self.num_members == 1:
+            return None
+        base = resolve_seed(self.seed)
+        return [base if self.seed is not None else base + k for k in range(self.num_members)]
 
     def val_dataloader(self) -> SingleBatchLoader:
         """A loader of one tiny batch (the first transition, B = 1), so that ``trainer.validate`` and validation

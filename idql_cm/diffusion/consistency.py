@@ -13,7 +13,16 @@ import math
 import torch
 from torch import nn
 
-from idql_cm.diffusion.edm import EDMDenoiser, Preconditioned, _randn, append_dims, check_noise, ode_step
+from idql_cm.diffusion.edm import (
+    EDMDenoiser,
+    Preconditioned,
+    _randn,
+    append_dims,
+    batch_mean,
+    check_noise,
+    ode_step,
+    stacked,
+)
 from idql_cm.diffusion.schedules import snap_to_grid
 from idql_cm.errors import ConfigError
 
@@ -148,7 +157,7 @@ def ct_loss(
     sigmas: torch.Tensor,
     probs: torch.Tensor,
     c: float | None = None,
-    generator: torch.Generator | None = None,
+    generator=None,  # torch.Generator, or MemberGenerators: [S, B, ...] inputs, [S] losses
     clip_student: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improved consistency training (iCT, Song & Dhariwal 2023, Algorithm 1 with eqs. 9–11).
@@ -162,20 +171,27 @@ def ct_loss(
     # The reference applies pseudo-Huber elementwise with c = 0.01; we use iCT's vector form and c.
     c = 0.00054 * math.sqrt(x0.shape[-1]) if c is None else c
     # Deliberate difference: the reference draws j with NumPy's global RNG; we use torch (and the given generator).
-    j = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
+    if stacked(generator):
+        j = generator.multinomial(probs, x0.shape[1])  # [S, B]
+    else:
+        j = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
     sigma_n, sigma_m = sigmas[j], sigmas[j + 1]
     eps = _randn(x0.shape, x0, generator)
     x_n = x0 + append_dims(sigma_n, x0.ndim) * eps
     x_m = x0 + append_dims(sigma_m, x0.ndim) * eps
     # Teacher and student share the dropout mask: the RNG state is restored after the student pass (as OpenAI's CM
     # code does); the reference gives them independent masks.
-    devices = [x0.device] if x0.device.type != "cpu" else []
-    with torch.random.fork_rng(devices=devices, device_type=x0.device.type):
+    if stacked(generator):
+        fork = generator.fork()  # every member's generator restored (the stacked nets' dropout draws from them)
+    else:
+        devices = [x0.device] if x0.device.type != "cpu" else []
+        fork = torch.random.fork_rng(devices=devices, device_type=x0.device.type)
+    with fork:
         f_student = model(x_m, sigma_m, obs, clip=clip_student)
     with torch.no_grad():
         f_teacher = model(x_n, sigma_n, obs)
     d = pseudo_huber(f_student, f_teacher, c)
-    return (d / (sigma_m - sigma_n)).mean(), d.detach().mean()
+    return batch_mean(d / (sigma_m - sigma_n), generator), batch_mean(d.detach(), generator)
 
 
 def cd_loss(
@@ -186,7 +202,7 @@ def cd_loss(
     obs: torch.Tensor,
     sigmas: torch.Tensor,
     solver: str = "heun",
-    generator: torch.Generator | None = None,
+    generator=None,  # torch.Generator, or MemberGenerators: [S, B, ...] inputs, an [S] loss
     weighting: str = "inverse_delta",
     clip_student: bool = False,
 ) -> torch.Tensor:
@@ -203,7 +219,10 @@ def cd_loss(
         raise ConfigError(f"CD teacher solver: expected 'heun' or 'euler', found {solver!r}")
     if weighting not in CD_WEIGHTINGS:
         raise ConfigError(f"CD loss weighting: expected one of {CD_WEIGHTINGS}, found {weighting!r}")
-    idx = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), generator=generator, device=x0.device)
+    if stacked(generator):
+        idx = generator.randint(len(sigmas) - 1, (x0.shape[1],))  # [S, B]
+    else:
+        idx = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), generator=generator, device=x0.device)
     t_n, t_m = sigmas[idx], sigmas[idx + 1]
     x_m = x0 + append_dims(t_m, x0.ndim) * _randn(x0.shape, x0, generator)
     with torch.no_grad():
@@ -213,8 +232,8 @@ def cd_loss(
     f_student = model(x_m, t_m, obs, clip=clip_student)
     sq = (f_student - f_target) ** 2
     if weighting == "uniform":
-        return sq.mean()
-    return (append_dims(1 / (t_m - t_n), x0.ndim) * sq).mean()
+        return batch_mean(sq, generator)
+    return batch_mean(append_dims(1 / (t_m - t_n), x0.ndim) * sq, generator)
 
 
 CD_WEIGHTINGS = ("inverse_delta", "uniform")

@@ -12,10 +12,24 @@ from torch import nn
 
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import ConfigError
+from idql_cm.nets.ensemble import MemberGenerators
 
 
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def stacked(generator) -> bool:
+    """Whether a loss draws for S stacked members (``generator`` a :class:`~idql_cm.nets.ensemble.MemberGenerators`):
+    then its inputs are ``[S, B, ...]``, member k's draws come from generator k and the loss is ``[S]``."""
+    return isinstance(generator, MemberGenerators)
+
+
+def _randn(shape, like: torch.Tensor, generator) -> torch.Tensor:
+    if stacked(generator):  # shape [S, *solo]: member k draws its solo shape from its own generator
+        return generator.randn(tuple(shape)[1:], dtype=like.dtype)
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def batch_mean(x: torch.Tensor, generator) -> torch.Tensor:
+    """The mean over the batch and the action dims: a scalar, or ``[S]`` per member for stacked draws."""
+    return x.mean(dim=tuple(range(1, x.ndim))) if stacked(generator) else x.mean()
 
 
 def check_noise(noise: torch.Tensor | None, nfe: int, shape: tuple[int, int]) -> None:
@@ -107,16 +121,17 @@ class EDMDenoiser(Preconditioned):
         return self.denoise(x, sigma, obs, clip)
 
     def loss(
-        self, x0: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | MemberGenerators | None = None
     ) -> torch.Tensor:
         """EDM training loss (Karras et al. 2022, eq. 2 and Table 1): ``ln σ ~ N(P_mean, P_std²)`` (not clipped to
         [σ_min, σ_max]), ``x_σ = x0 + σ·ε``, mean over batch and dims of ``λ(σ)·(D(x_σ, σ) − x0)²`` with
-        ``λ(σ) = (σ² + σ_d²)/(σ·σ_d)²``. The prediction is not clipped here."""
-        sigma = (_randn(x0.shape[:1], x0, generator) * self.P_std + self.P_mean).exp()
+        ``λ(σ) = (σ² + σ_d²)/(σ·σ_d)²``. The prediction is not clipped here. With a ``MemberGenerators`` the inputs
+        are ``[S, B, ...]`` and the loss ``[S]``."""
+        sigma = (_randn(x0.shape[:-1], x0, generator) * self.P_std + self.P_mean).exp()
         eps = _randn(x0.shape, x0, generator)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         D = self(x0 + append_dims(sigma, x0.ndim) * eps, sigma, obs)
-        return (append_dims(weight, x0.ndim) * (D - x0) ** 2).mean()
+        return batch_mean(append_dims(weight, x0.ndim) * (D - x0) ** 2, generator)
 
 
 def ode_step(
@@ -131,7 +146,7 @@ def ode_step(
     """One step of the probability-flow ODE ``dx/dσ = (x − D(x, σ))/σ`` from σ to σ_next: Euler, or with
     ``heun=True`` the second-order correction of Karras et al. 2022, Algorithm 1 (lines 4–8; 2 evaluations).
     ``sigma`` / ``sigma_next`` are scalars (0-d) or per-sample ``[B]``; ``clip`` clips each x0-prediction."""
-    n, h = x.shape[0], append_dims(sigma_next - sigma, x.ndim)
+    n, h = x.shape[:-1], append_dims(sigma_next - sigma, x.ndim)  # n: [B], or [S, B] for stacked members
     d = (x - denoiser(x, sigma.expand(n), obs, clip=clip)) / append_dims(sigma, x.ndim)
     x_next = x + d * h
     if heun:

@@ -12,28 +12,41 @@ kind that went in (NumPy float32 for NumPy, tensors on the policy's device for t
 
 from __future__ import annotations
 
-from idql_cm.checkpoint import load_critic, load_policy
+from idql_cm.checkpoint import load_critic, load_policy, num_members, read_checkpoint
 from idql_cm.eval.agent import ActorPolicy, IDQLAgent
 
 
-def load_actor(ckpt_path: str, device=None) -> ActorPolicy:
+def load_actor(ckpt_path: str, device=None, member: int | None = None) -> ActorPolicy:
     """The EMA behaviour policy of an EDM, CD or CT checkpoint, as an :class:`ActorPolicy`.
+
+    ``member``: which member of a checkpoint trained with ``num_seeds: S`` (0..S-1); such a checkpoint is refused
+    without it, with a line saying how many members it holds.
 
     ``device``: ``None`` picks CUDA when available, else CPU. Raises ``CheckpointError`` for a missing, unreadable
     or non-actor checkpoint.
     """
-    return ActorPolicy(load_policy(str(ckpt_path), device=device))
+    return ActorPolicy(load_policy(str(ckpt_path), device=device, member=member))
 
 
 def load_agent(actor_ckpt: str, critic_ckpt: str | None, num_candidates: int = 256, temperature: float = 100.0,
-               selection: str = "softmax", device=None) -> IDQLAgent:
+               selection: str = "softmax", device=None, member: int | None = None) -> IDQLAgent:
     """An :class:`IDQLAgent` from a behaviour checkpoint (EDM/CD/CT) and an IQL checkpoint.
 
     ``critic_ckpt=None`` gives the behaviour policy alone. The critic is loaded on the actor's device; a critic of
-    another task (different obs/act sizes) is refused with ``CheckpointError``.
+    another task (different obs/act sizes) is refused with ``CheckpointError``. ``member`` k picks member k of
+    S-member checkpoints (``num_seeds``), of the actor and of an S-member critic alike: critic k pairs with actor k;
+    a solo critic serves any member.
     """
-    actor = load_policy(str(actor_ckpt), device=device)
+    actor = load_policy(str(actor_ckpt), device=device, member=member)
     critic = None
     if critic_ckpt is not None:
-        critic = load_critic(str(critic_ckpt), device=actor.device)
+        critic = load_critic(str(critic_ckpt), device=actor.device, member=critic_member(str(critic_ckpt), member))
     return IDQLAgent(actor, critic, num_candidates=num_candidates, temperature=temperature, selection=selection)
+
+
+def critic_member(critic_ckpt: str, member: int | None) -> int | None:
+    """The critic member that pairs with actor member ``member``: the same one, or None for a solo critic."""
+    if member is None:
+        return None
+    meta = read_checkpoint(critic_ckpt, expect_kind="iql", what="critic checkpoint")["idql_cm"]
+    return member if num_members(meta) > 1 else None

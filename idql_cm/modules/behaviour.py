@@ -17,6 +17,7 @@ from idql_cm.checkpoint import (
     DataFacts,
     check_fits_data,
     edm_from_payload,
+    member_state,
     read_checkpoint,
     sampling_options,
     state_prefix,
@@ -36,7 +37,9 @@ from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.fileio import file_sha256
 from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
-from idql_cm.nets.ema import EMAWarmup, ema_update_
+from idql_cm.modules.members import member_of
+from idql_cm.nets.ema import EMAWarmup
+from idql_cm.nets.ensemble import StackedIDQLMlp, bind_rng
 from idql_cm.nets.mlp import IDQLMlp
 
 #: IDQLMlp defaults (the IDQL residual MLP, ~1.6M parameters on HalfCheetah).
@@ -74,8 +77,9 @@ class BehaviourModule(IDQLModule):
         check_finite_every: int = 1,
         compile: bool = False,
         fused_steps: int = 1,
+        num_seeds: int = 1,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every, compile, fused_steps)
+        super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
         # ema_warmup: k-diffusion's warm-up (the EMA starts as a copy of fresh weights); False: the constant rate
@@ -94,6 +98,8 @@ class BehaviourModule(IDQLModule):
     def default_net(self) -> dict[str, Any]:
         return net_kwargs(self.net_cfg)
 
+    member_nets = ("model", "ema_model")
+
     def build(self, obs_dim: int, act_dim: int) -> None:
         self.net_kw = self.default_net()
         self.model = self.wrap(IDQLMlp(obs_dim, act_dim, **self.net_kw))
@@ -106,7 +112,7 @@ class BehaviourModule(IDQLModule):
         return [self.model]
 
     def configure_optimizers(self):
-        opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay)
+        opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay, self.num_seeds)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 
@@ -116,7 +122,7 @@ class BehaviourModule(IDQLModule):
 
     def after_optimizer_step(self, step: int) -> None:
         decay = self.ema_decay_at(step)
-        ema_update_(self.ema_model, self.model, decay)
+        self.ema_(self.ema_model, self.model, decay)
         if self.should_log():
             self.log_scalar("train/ema_decay", decay)
 
@@ -129,9 +135,16 @@ class BehaviourModule(IDQLModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """No-op: `idql-cm validate` runs the RolloutEvaluation callback once on a one-batch loader."""
 
-    def eval_actor(self) -> Actor:
-        """The current EMA policy, sampling exactly as ``load_policy`` of this module's checkpoint would."""
-        return Actor(kind=self.kind, model=self.ema_model, obs_mean=self.obs_mean, obs_std=self.obs_std,
+    def eval_actor(self, member: int | None = None) -> Actor:
+        """The current EMA policy, sampling exactly as ``load_policy`` of this module's checkpoint would (member
+        ``member`` of an S-member module: a solo copy; required when S > 1)."""
+        model = self.ema_model
+        if self.num_seeds > 1:
+            if member is None or not 0 <= member < self.num_seeds:
+                raise ValueError(f"{type(self).__name__}.eval_actor: expected a member in 0..{self.num_seeds - 1}, "
+                                 f"found {member}")
+            model = member_of(model, member).eval().requires_grad_(False)
+        return Actor(kind=self.kind, model=model, obs_mean=self.obs_mean, obs_std=self.obs_std,
                      act_dim=int(self.act_dim), env_id=self.data_info.get("env_id"), task=self.data_info.get("dataset"),
                      **sampling_options({"kind": self.kind, **self.payload()}, self.device))
 
@@ -181,7 +194,7 @@ class EDMModule(BehaviourModule):
                 "sample_rho": self.sample_rho}
 
     def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bc_step(self.model.loss(batch["act"], batch["obs"]))
+        return self.bc_step(self.model.loss(batch["act"], batch["obs"], generator=self.member_generator()))
 
 
 class ConsistencyBehaviour(BehaviourModule):
@@ -245,7 +258,7 @@ class CTModule(ConsistencyBehaviour):
     def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         n, sigmas, probs = self.curriculum(self.global_step)
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c,
-                                   clip_student=self.clip_student)
+                                   generator=self.member_generator(), clip_student=self.clip_student)
         out = self.bc_step(loss, unweighted_loss=unweighted)
         if self.should_log():
             self.log_scalar("train/curriculum_N", float(n))
@@ -263,12 +276,15 @@ class CDModule(ConsistencyBehaviour):
 
     def __init__(self, teacher_ckpt: str, solver: str = "heun", distill_intervals: int = 18,
                  lr_schedule: str = "constant", ema_warmup: bool = True, target_ema: float | None = 0.0,
-                 weighting: str = "inverse_delta", **kwargs: Any) -> None:
+                 weighting: str = "inverse_delta", teacher_member: int | None = None, **kwargs: Any) -> None:
         """Two networks follow the online consistency model, as in the CD paper: the **target** θ⁻ of the
         consistency loss, ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` with ``μ = target_ema`` (0: the online weights under stop-grad,
         what iCT found best for CT; the CD paper used 0.95), and the **evaluation EMA** (``ema_decay`` with the
         warm-up, from the consistency model's own start), which samples, evaluates and is saved as the policy.
         ``target_ema: null`` makes the evaluation EMA the target too (the reference's single EMA).
+
+        Several seeds: with ``num_seeds: S`` the teacher must hold S members (an EDM run with ``num_seeds: S``), and
+        member k distils from teacher member k; a solo CD distils from member ``teacher_member`` of such a teacher.
 
         Deliberate difference: the reference keeps one EMA, initialised from the teacher's EMA, at a constant rate
         (0.9999) as both target and policy. A slow target starts as the teacher, a denoiser, and the consistency
@@ -286,6 +302,13 @@ class CDModule(ConsistencyBehaviour):
         if weighting not in CD_WEIGHTINGS:
             raise ConfigError(f"model.weighting: expected one of {CD_WEIGHTINGS}, found {weighting!r}")
         self.target_ema, self.weighting = target_ema, weighting
+        if teacher_member is not None and (isinstance(teacher_member, bool) or not isinstance(teacher_member, int)
+                                           or teacher_member < 0):
+            raise ConfigError(f"model.teacher_member: expected None or a member index >= 0, found {teacher_member!r}")
+        if teacher_member is not None and self.num_seeds > 1:
+            raise ConfigError(f"model.teacher_member: {teacher_member} picks one teacher member for a solo CD; with "
+                              f"model.num_seeds: {self.num_seeds} member k distils from teacher member k (leave it unset)")
+        self.teacher_member = teacher_member
         self.target_model: torch.nn.Module | None = None
         self.teacher_sha256: str | None = None
         self.save_hyperparameters()
@@ -297,21 +320,50 @@ class CDModule(ConsistencyBehaviour):
     def preflight(self, datamodule: TrainingData | None) -> None:
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
         meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
+        self._teacher_members(meta)
         if datamodule is not None:
             norm = datamodule.normalizer
             data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
                              str(datamodule.dataset))
             check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
 
+    def _teacher_members(self, meta: dict[str, Any]) -> int | None:
+        """The teacher member this run reads (None: all of them, or a solo teacher), checked against num_seeds."""
+        held = int(meta.get("num_seeds", 1))
+        where = f"model.teacher_ckpt: {self.teacher_ckpt} holds {held} member(s) (num_seeds {held})"
+        if self.num_seeds > 1:
+            if held != self.num_seeds:
+                raise ConfigError(f"{where}, this CD run has model.num_seeds: {self.num_seeds}; distil from an EDM "
+                                  f"run with num_seeds: {self.num_seeds}")
+            return None
+        if self.teacher_member is None:
+            if held > 1:
+                raise ConfigError(f"{where}; set model.teacher_member: k (0..{held - 1}) to distil one of them, or "
+                                  f"model.num_seeds: {held} to distil all")
+            return None
+        if self.teacher_member >= held:
+            raise ConfigError(f"{where}; model.teacher_member: {self.teacher_member} is out of range 0..{held - 1}")
+        return self.teacher_member if held > 1 else None
+
+    def build_members(self, obs_dim: int, act_dim: int) -> None:
+        self.build(obs_dim, act_dim)  # no random draws: every member starts from its teacher member's weights
+
     def build(self, obs_dim: int, act_dim: int) -> None:
         ckpt = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
         data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
         check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
+        member = self._teacher_members(meta)
+        if member is not None:
+            state = member_state(state, member)
         self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
-        teacher = edm_from_payload(meta, state, "ema_model.", f"model.teacher_ckpt {self.teacher_ckpt}")
+        S = self.num_seeds
+        teacher = edm_from_payload(meta, state, "ema_model.", f"model.teacher_ckpt {self.teacher_ckpt}", S)
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
-        self.model = self.wrap(IDQLMlp(obs_dim, act_dim, **self.net_kw))
+        net = IDQLMlp(obs_dim, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, obs_dim, act_dim, **self.net_kw)
+        if S > 1:
+            bind_rng(net, self.rng)
+        self.model = self.wrap(net)
         check_teacher_compatible(self.model, teacher)
         # CM online <- EDM online, CM EMA <- EDM EMA (the distillation starts from the teacher's weights).
         self.model.net.load_state_dict(state_prefix(state, "model.net."))
@@ -328,7 +380,8 @@ class CDModule(ConsistencyBehaviour):
 
     def payload(self):
         return {**super().payload(), "teacher_ckpt": os.path.abspath(self.teacher_ckpt),
-                "teacher_sha256": self.teacher_sha256, "teacher_solver": self.solver}
+                "teacher_sha256": self.teacher_sha256, "teacher_solver": self.solver,
+                "teacher_member": self.teacher_member}
 
     def target(self) -> torch.nn.Module:
         return self.ema_model if self.target_model is None else self.target_model
@@ -336,7 +389,7 @@ class CDModule(ConsistencyBehaviour):
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         if self.target_model is not None:
-            ema_update_(self.target_model, self.model, self.target_ema)
+            self.ema_(self.target_model, self.model, self.target_ema)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -357,6 +410,7 @@ class CDModule(ConsistencyBehaviour):
 
     def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = cd_loss(self.model, self.target(), self.teacher, batch["act"], batch["obs"], self.distill_sigmas,
-                       solver=self.solver, weighting=self.weighting, clip_student=self.clip_student)
+                       solver=self.solver, generator=self.member_generator(), weighting=self.weighting,
+                       clip_student=self.clip_student)
         return self.bc_step(loss)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from idql_cm.checkpoint import DataFacts, check_fits_data, check_payload, make_payload
 from idql_cm.data.datamodule import resolve_seed, step_seed
-from idql_cm.errors import ConfigError, NonFiniteError
+from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
 from idql_cm.lightning_compat import (
     checkpoint_every_n_train_steps,
     last_saved_step,
@@ -26,6 +26,10 @@ from idql_cm.lightning_compat import (
     set_logging_step,
     trainer_of,
 )
+from idql_cm.modules.members import member_mean, stack_members
+from idql_cm.nets.ema import ema_update_
+from idql_cm.nets.ensemble import MemberGenerators
+from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,14 @@ def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_st
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params, name: str, lr: float, weight_decay: float, num_members: int = 1) -> torch.optim.Optimizer:
+    """Adam or AdamW; for ``num_members`` S > 1 (stacked ``[S, ...]`` parameters) :class:`MemberAdam`, which gives
+    member k torch's Adam / AdamW update with its own step count (so one member's update can be skipped)."""
     # The reference trains its actors with AdamW at PyTorch's default weight decay 0.01 because it passes
     # only {"lr": 3e-4} (reference-spec §8.6). Every shipped actor config sets optimizer and weight_decay
     # explicitly (tests/test_configs_smoke.py checks it): Adam without decay, as AdamW 0.01 measured no better.
+    if name in ("adam", "adamw") and num_members > 1:
+        return MemberAdam(params, num_members, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw")
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -88,13 +96,21 @@ class IDQLModule(pl.LightningModule):
     kind: str = "?"
 
     def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False,
-                 fused_steps: int = 1) -> None:
+                 fused_steps: int = 1, num_seeds: int = 1) -> None:
         """``fused_steps``: gradient updates per Trainer iteration (K). The Trainer's per-iteration work (batch
         fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, python -m benchmarks)
         is then paid once per K updates. The training is the same for any K, bit for bit: every update draws its
         own batch and seeds its own noise by its global step, and global_step counts updates. K is lowered to the
         largest divisor of log_every_n_steps and of the checkpoint and evaluation periods, with a warning."""
         super().__init__()
+        # num_seeds: S independent members trained side by side (stacked nets, docs/ensemble-design.md): member k of a
+        # run with seed_everything: s trains as a solo run with seed s + k (batches, noise, dropout, initial weights,
+        # Adam, LR, EMA, targets).
+        if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds < 1:
+            raise ConfigError(f"model.num_seeds: expected a positive integer, found {num_seeds!r}")
+        self.num_seeds = int(num_seeds)
+        self.rng: MemberGenerators | None = None  # the members' generators (num_seeds > 1)
+        self._member_mask: torch.Tensor | None = None  # members whose update goes ahead this step (skip mode)
         if int(fused_steps) < 1:
             raise ConfigError(f"model.fused_steps: expected a positive integer, found {fused_steps!r}")
         self.fused_steps = int(fused_steps)
@@ -112,7 +128,7 @@ class IDQLModule(pl.LightningModule):
         self.obs_dim: int | None = None
         self.act_dim: int | None = None
         self.data_info: dict[str, Any] = {}
-        self.skipped_steps = 0
+        self.skipped_steps: int | list[int] = 0 if self.num_seeds == 1 else [0] * self.num_seeds
         self._watched: list[tuple[str, torch.Tensor]] = []  # this step's losses, checked before the update
         self._skip_update = False  # set when this step's update is skipped (model.nonfinite: skip)
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
@@ -135,6 +151,11 @@ class IDQLModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm: TrainingData | None = self.trainer.datamodule
         self._fused = self._effective_fused_steps() if stage == "fit" else 1
+        if self.num_seeds > 1:
+            if dm is None or not hasattr(dm, "num_members"):
+                raise ConfigError(f"model.num_seeds: {self.num_seeds} members need a data module that draws a batch "
+                                  f"per member (TDDataModule), found {type(dm).__name__}")
+            dm.num_members = self.num_seeds  # [S, B, ...] batches, member k's from seed s + k
         if isinstance(dm, FusableData):
             dm.steps_per_batch = self._fused  # K batches per item, [K, B, ...]
         elif self._fused > 1:
@@ -150,7 +171,11 @@ class IDQLModule(pl.LightningModule):
         self.register_buffer("obs_mean", torch.as_tensor(norm.mean, dtype=torch.float32).clone())
         self.register_buffer("obs_std", torch.as_tensor(norm.std, dtype=torch.float32).clone())
         self.data_info = {"dataset": str(dm.dataset), "env_id": dm.env_id, "num_transitions": int(dm.num_transitions)}
-        self.build(self.obs_dim, self.act_dim)
+        if self.num_seeds == 1:
+            self.build(self.obs_dim, self.act_dim)
+        else:
+            self.rng = MemberGenerators(self.num_seeds, self.trainer.strategy.root_device)
+            self.build_members(self.obs_dim, self.act_dim)
         if self.compile_nets:
             # Opt-in fast path: torch.compile of the trained networks' forward (nn.Module.compile keeps the
             # parameter names, so checkpoints are unchanged). The eager path stays the reference: see
@@ -161,6 +186,41 @@ class IDQLModule(pl.LightningModule):
 
     def build(self, obs_dim: int, act_dim: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    #: the attributes ``build`` sets that hold one member's networks (stacked when num_seeds > 1)
+    member_nets: tuple[str, ...] = ()
+
+    def member_seed(self, member: int) -> int:
+        """The seed member ``member`` trains under: ``s + member`` for ``seed_everything: s``."""
+        return resolve_seed(None) + member
+
+    def build_members(self, obs_dim: int, act_dim: int) -> None:
+        """``build`` once per member, member k under ``torch.manual_seed(s + k)`` (the solo run of seed s + k builds
+        right after ``seed_everything``), then the ``member_nets`` stacked along a leading member dim."""
+        built: dict[str, list[nn.Module]] = {name: [] for name in self.member_nets}
+        for k in range(self.num_seeds):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.member_seed(k))
+                self.build(obs_dim, act_dim)
+            for name in self.member_nets:
+                built[name].append(getattr(self, name))
+        for name, nets in built.items():
+            setattr(self, name, stack_members(nets, self.rng))
+
+    def member_generator(self) -> MemberGenerators | None:
+        """What the losses draw from: the members' generators, or None (torch's default generator) for one member."""
+        return self.rng
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch mean: scalar, or ``[S]`` per member."""
+        return member_mean(x, self.num_seeds)
+
+    def ema_(self, ema: nn.Module, model: nn.Module, decay: float) -> None:
+        """``ema <- decay·ema + (1 − decay)·model`` for the members whose update went ahead this step."""
+        if self._member_mask is None:
+            ema_update_(ema, model, decay)
+        else:
+            member_ema_update_(ema, model, decay, self._member_mask)
 
     def trained_nets(self) -> list[torch.nn.Module]:
         """The networks the optimiser trains (compiled when ``compile: true``)."""
@@ -190,8 +250,9 @@ class IDQLModule(pl.LightningModule):
             raise NonFiniteError(
                 f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
                 f"was not written, {self._last_good_checkpoint()} ({hint})")
+        members = {"num_seeds": self.num_seeds, "seed": resolve_seed(None)} if self.num_seeds > 1 else {}
         checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
-                                             self.data_info, self.payload(), self.skipped_steps)
+                                             self.data_info, {**self.payload(), **members}, self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = trainer_of(self)
@@ -204,7 +265,12 @@ class IDQLModule(pl.LightningModule):
             data = DataFacts(int(self.obs_dim), int(self.act_dim), self.obs_mean if fitting else None,
                              self.obs_std if fitting else None, self.data_info.get("dataset"))
             check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path", str(path))
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        held = int(meta.get("num_seeds", 1))
+        if held != self.num_seeds:
+            raise CheckpointError(f"--ckpt_path: {path} holds {held} member(s) (num_seeds), this run has "
+                                  f"model.init_args.num_seeds: {self.num_seeds}; resume with the same count")
+        saved = meta.get("skipped_steps", 0)
+        self.skipped_steps = [int(n) for n in saved] if self.num_seeds > 1 else int(saved)
         migrate_loop_progress(checkpoint)
 
     # ------------------------------------------------------------------ per-step plumbing
@@ -230,7 +296,15 @@ class IDQLModule(pl.LightningModule):
         """``self.log`` for the training scalars, sent at the end of training_step: Lightning, in its first
         iteration, drops a hook's values logged before another hook logged (LightningModule.log resets the tensors
         of a hook it re-enters), and one update logs from training_step, on_before_optimizer_step and again after
-        the optimiser step."""
+        the optimiser step.
+
+        With S members a per-member value ``[S]`` is logged as ``name`` (the mean over members) and
+        ``name/member_<k>``."""
+        if self.num_seeds > 1 and isinstance(value, torch.Tensor) and value.ndim == 1 and len(value) == self.num_seeds:
+            value = value.detach()
+            for k in range(self.num_seeds):
+                self._step_logs.append((f"{name}/member_{k}", value[k], {**kwargs, "prog_bar": False}))
+            value = value.mean()
         self._step_logs.append((name, value, kwargs))
 
     def _flush_logs(self) -> None:
@@ -247,6 +321,9 @@ class IDQLModule(pl.LightningModule):
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
+        if self.rng is not None:  # member k draws what the solo run of seed s + k draws at this step
+            self.rng.seed_([step_seed(self.member_seed(k), self.global_rank, self.global_step, stream=1)
+                            for k in range(self.num_seeds)])
         self._log_now = log
         loss = self.loss_step(batch)  # under the precision plugin's autocast (bf16-mixed), as Lightning runs it
         opt, sched = self._opt_and_sched()
@@ -258,8 +335,10 @@ class IDQLModule(pl.LightningModule):
         # fp32 still drifted from the 32-true run by 6e-4 in 6 steps from its bf16 gradients.)
         with torch.autocast(self.device.type, enabled=False):
             opt.zero_grad()  # set_to_none
-            self.manual_backward(loss)
+            # S members: the sum of their losses, so member k's gradient is its own loss' gradient
+            self.manual_backward(loss if self.num_seeds == 1 else loss.sum())
             self._skip_update = False
+            self._member_mask = None
             opt.step()  # runs on_before_optimizer_step (callbacks, then the non-finite guard) before the update
             # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run their on_train_batch_end first, and a
             # checkpoint must hold the EMA / target of the step it is named for.
@@ -361,14 +440,17 @@ class IDQLModule(pl.LightningModule):
         # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
         norms = None
         if log or (check and self.nonfinite == "skip"):
-            grads = [p.grad for p in self._params_of(optimizer) if p.grad is not None]
-            # per-tensor norms in one fused call: a non-finite gradient makes its norm non-finite
-            norms = torch.stack(torch._foreach_norm(grads)) if grads else None
+            if self.num_seeds > 1:  # [S]: every member's own gradient norm
+                norms = per_member_grad_norm(self._params_of(optimizer), self.num_seeds)
+            else:
+                grads = [p.grad for p in self._params_of(optimizer) if p.grad is not None]
+                # per-tensor norms in one fused call: a non-finite gradient makes its norm non-finite
+                norms = torch.stack(torch._foreach_norm(grads)) if grads else None
         if check:
             self._check_finite(watched, norms, optimizer)
         if log:
-            if norms is not None and not self._skip_update:
-                self.log_scalar("train/grad_norm", torch.linalg.vector_norm(norms))
+            if norms is not None and not self._skip_update and self._member_mask is None:
+                self.log_scalar("train/grad_norm", norms if self.num_seeds > 1 else torch.linalg.vector_norm(norms))
             self.log_scalar("train/lr", optimizer.param_groups[0]["lr"])
 
     def _check_finite(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None,
@@ -379,7 +461,11 @@ class IDQLModule(pl.LightningModule):
         path is one sum and one read-back (the host sync of a checked step): a sum is non-finite iff a term is (or the
         terms overflow float32, which is no healthy loss either); which one is bad is worked out only on failure.
         """
-        terms = [v.reshape(()).float() for _, v in watched] + ([grad_norms.sum()] if grad_norms is not None else [])
+        if self.num_seeds > 1:  # per-member [S] losses and norms: one sum all the same
+            terms = [v.float().sum() for _, v in watched]
+        else:
+            terms = [v.reshape(()).float() for _, v in watched]
+        terms += [grad_norms.sum()] if grad_norms is not None else []
         if not terms:
             return
         total = torch.stack(terms).sum()
@@ -394,6 +480,9 @@ class IDQLModule(pl.LightningModule):
         if math.isfinite(total.item()):
             return
         quantity = self._bad_quantity(watched, grad_norms)
+        if self.num_seeds > 1:
+            self._members_nonfinite(watched, grad_norms, optimizer, quantity)
+            return
         if self.nonfinite == "skip":
             for p in self._params_of(optimizer):  # no gradient: the optimiser leaves weights and moments alone
                 p.grad = None
@@ -414,6 +503,41 @@ class IDQLModule(pl.LightningModule):
         raise NonFiniteError(
             f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}; training stopped before the "
             f"update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip such steps)")
+
+    def _member_verdict(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None) -> list[bool]:
+        """Per member: True where its watched losses and gradient norm are finite, on every rank."""
+        ok = member_finite([v for _, v in watched] + ([grad_norms] if grad_norms is not None else []), self.num_seeds)
+        trainer = trainer_of(self)
+        if trainer is not None and trainer.world_size > 1:  # a member skipped on one rank is skipped on all
+            bad = trainer.strategy.reduce((~ok).float(), reduce_op="sum")
+            ok = bad == 0
+        return [bool(v) for v in ok.cpu()]
+
+    def _members_nonfinite(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None,
+                           optimizer: torch.optim.Optimizer, quantity: str) -> None:
+        """The failure path with S members: stop naming the members, or skip only their updates."""
+        ok = self._member_verdict(watched, grad_norms)
+        bad = [k for k, good in enumerate(ok) if not good] or list(range(self.num_seeds))
+        who = ", ".join(f"member {k} (seed {self.member_seed(k)})" for k in bad)
+        if self.nonfinite == "stop":
+            raise NonFiniteError(
+                f"{type(self).__name__}: non-finite {quantity} of {who} at step {self.global_step}; training stopped "
+                f"before the update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip only "
+                "that member's update)")
+        mask = torch.tensor(ok, dtype=torch.bool)
+        optimizer.next_members = mask  # MemberAdam: only these members step (read after this closure)
+        self._member_mask = mask.to(self.device)  # and only their EMA / targets move
+        if not any(ok):
+            self._skip_update = True
+        for k in bad:
+            self.skipped_steps[k] += 1
+        self.log_scalar("train/skipped_nonfinite_steps", torch.tensor(self.skipped_steps, dtype=torch.float32))
+        worst = max(self.skipped_steps[k] for k in bad)
+        if worst & (worst - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a flood
+            counts = ", ".join(f"member {k}: {self.skipped_steps[k]}" for k in bad)
+            self._warn(f"{type(self).__name__}: non-finite {quantity} of {who} at step {self.global_step}: that "
+                       f"update skipped, the other members' went ahead (skipped so far: {counts}; "
+                       "model.init_args.nonfinite: skip)")
 
     @staticmethod
     def _bad_quantity(watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None) -> str:
@@ -485,7 +609,11 @@ class IDQLModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._resolve_pending()  # the last step's deferred check
-        if self.skipped_steps:
+        if self.num_seeds > 1 and any(self.skipped_steps):
+            counts = ", ".join(f"member {k}: {n}" for k, n in enumerate(self.skipped_steps))
+            self._warn(f"{type(self).__name__}: training steps skipped for non-finite values per member ({counts}; "
+                       "model.init_args.nonfinite: skip)")
+        elif self.num_seeds == 1 and self.skipped_steps:
             self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
                        "values (model.init_args.nonfinite: skip)")
 

@@ -9,14 +9,14 @@ import torch
 
 from idql_cm.errors import ConfigError
 from idql_cm.modules.common import IDQLModule, cosine_or_constant, make_optimizer
+from idql_cm.modules.members import member_mean
 from idql_cm.nets.critics import TwinQ, ValueNet
-from idql_cm.nets.ema import ema_update_
 
 
-def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
-    """mean(|τ − 1[u<0]|·u²) with u = Q − V (IQL eq. 5)."""
+def expectile_loss(diff: torch.Tensor, expectile: float, num_members: int = 1) -> torch.Tensor:
+    """mean(|τ − 1[u<0]|·u²) with u = Q − V (IQL eq. 5); ``[S]`` per member for stacked ``[S, B, 1]``."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
-    return (weight * diff.square()).mean()
+    return member_mean(weight * diff.square(), num_members)
 
 
 class IQLModule(IDQLModule):
@@ -43,8 +43,9 @@ class IQLModule(IDQLModule):
         check_finite_every: int = 1,
         compile: bool = False,
         fused_steps: int = 1,
+        num_seeds: int = 1,
     ) -> None:
-        super().__init__(nonfinite, check_finite_every, compile, fused_steps)
+        super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
         if target_update not in ("polyak", "reference"):
             raise ConfigError(f"model.target_update: expected 'polyak' or 'reference', found {target_update!r}")
         if not 0.5 <= expectile < 1.0:
@@ -56,6 +57,8 @@ class IQLModule(IDQLModule):
         self.tau = 0.995 if target_update == "reference" else tau
         self.lr, self.lr_schedule = lr, lr_schedule
         self.save_hyperparameters()
+
+    member_nets = ("q", "q_target", "v")
 
     def build(self, obs_dim: int, act_dim: int) -> None:
         self.q = TwinQ(obs_dim, act_dim, self.hidden_dim)
@@ -69,7 +72,8 @@ class IQLModule(IDQLModule):
         return {"hidden_dim": self.hidden_dim, "expectile": self.expectile, "discount": self.discount}
 
     def configure_optimizers(self):
-        opt = make_optimizer(list(self.q.parameters()) + list(self.v.parameters()), "adam", self.lr, 0.0)
+        opt = make_optimizer(list(self.q.parameters()) + list(self.v.parameters()), "adam", self.lr, 0.0,
+                             self.num_seeds)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 
@@ -87,16 +91,16 @@ class IQLModule(IDQLModule):
             q_t = self.q_target(obs, act)
             td_target = rew + self.discount * (1.0 - tml) * self.v(next_obs)
         v = self.v(obs)
-        v_loss = expectile_loss(q_t - v, self.expectile)
+        v_loss = expectile_loss(q_t - v, self.expectile, self.num_seeds)
         q1, q2 = self.q.both(obs, act)
-        q_loss = ((q1 - td_target).square() + (q2 - td_target).square()).mean()
+        q_loss = self.reduce((q1 - td_target).square() + (q2 - td_target).square())
         loss = v_loss + q_loss
         self.watch_finite("v_loss", v_loss)
         self.watch_finite("q_loss", q_loss)
         if self.should_log():
-            for name, value in {"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": q1.mean(),
-                                "train/v_mean": v.mean(), "train/adv_mean": (q_t - v).mean(),
-                                "train/td_target_mean": td_target.mean()}.items():
+            for name, value in {"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": self.reduce(q1),
+                                "train/v_mean": self.reduce(v), "train/adv_mean": self.reduce(q_t - v),
+                                "train/td_target_mean": self.reduce(td_target)}.items():
                 self.log_scalar(name, value, sync_dist=True)
             self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
@@ -104,7 +108,7 @@ class IQLModule(IDQLModule):
     def after_optimizer_step(self, step: int) -> None:
         # (under no_grad inside ema_update_: an in-place lerp from parameters that require grad would
         # otherwise chain every step's target into one growing autograd graph)
-        ema_update_(self.q_target, self.q, 1.0 - self.tau)
+        self.ema_(self.q_target, self.q, 1.0 - self.tau)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """No-op (a critic has nothing to roll out on its own)."""
