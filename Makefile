@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TASK   ?= halfcheetah-medium-v2
 SEED   ?= 0
+SEEDS  ?= 1
 
 .PHONY: install demo test test-fast lint bench quality quality-ablate pipeline report clean help
 
@@ -14,6 +15,7 @@ help:
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
 	@echo "make quality   - generative-policy quality on known toys + a medium-expert analogue (CPU, ~15 min)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"
+	@echo "make pipeline TASK=halfcheetah-medium-v2 SEEDS=5 - the same, every stage a 5-member ensemble (seeds SEED..SEED+4)"
 
 $(STAMP): setup.cfg pyproject.toml scripts/install.sh
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
@@ -42,7 +44,7 @@ quality-ablate: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality --part toys --ablate
 
 pipeline: $(STAMP)
-	@$(BIN)/python scripts/run_pipeline.py --task $(TASK) --seed $(SEED) --out results/$(TASK)/seed$(SEED)
+	@$(BIN)/python scripts/run_pipeline.py --task $(TASK) --seed $(SEED) --seeds $(SEEDS)
 
 report: $(STAMP)
 	@$(BIN)/idql-cm report results/$(TASK)/seed*/

@@ -3,6 +3,11 @@
 
     python scripts/run_pipeline.py --preset demo --out results/demo          # `make demo`
     python scripts/run_pipeline.py --task halfcheetah-medium-v2 --seed 0      # `make pipeline`
+    python scripts/run_pipeline.py --task halfcheetah-medium-v2 --seeds 5     # `make pipeline SEEDS=5`
+
+`--seeds S` trains every stage as an S-member ensemble in one process (model.init_args.num_seeds: S; member k is
+the solo run of seed `--seed` + k, CD member k distils EDM member k, actor k is evaluated with critic k) and the
+report shows the mean ± SE across the S seeds.
 
 Each stage is one `idql-cm fit` run of configs/<task>/<stage>.yaml. The exact config a stage ran with is
 written to <out>/<stage>.yaml. A finished stage (its last checkpoint at max_steps and, for actors, its
@@ -52,9 +57,11 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def stage_config(base: Path, stage: str, root: Path, seed: int, overrides: dict[str, Any]) -> dict:
+def stage_config(base: Path, stage: str, root: Path, seed: int, overrides: dict[str, Any], seeds: int = 1) -> dict:
     cfg = yaml.safe_load(base.read_text())
     cfg["seed_everything"] = seed
+    if seeds > 1:
+        cfg["model"].setdefault("init_args", {})["num_seeds"] = seeds
     cfg["trainer"]["default_root_dir"] = str(root)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
@@ -92,9 +99,10 @@ def idql_cm() -> list[str]:
     return [sys.executable, "-m", "idql_cm"]
 
 
-def run_stage(i: int, n: int, stage: str, base: Path, out: Path, seed: int, overrides: dict[str, Any]) -> dict:
+def run_stage(i: int, n: int, stage: str, base: Path, out: Path, seed: int, overrides: dict[str, Any],
+              seeds: int = 1) -> dict:
     root = out / stage
-    cfg = stage_config(base, stage, root, seed, overrides)
+    cfg = stage_config(base, stage, root, seed, overrides, seeds)
     cfg_path = out / f"{stage}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     max_steps = int(cfg["trainer"]["max_steps"])
@@ -134,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--task", help="a D4RL task id with configs/<task>/, e.g. halfcheetah-medium-v2")
     ap.add_argument("--config-dir", help="use the configs in this folder instead of configs/<task>/")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="output folder (default results/<task>/seed<k> or results/demo)")
+    ap.add_argument("--seeds", type=int, default=1, metavar="S",
+                    help="train every stage as an S-member ensemble (num_seeds: S; seeds --seed .. --seed + S - 1)")
+    ap.add_argument("--out", help="output folder (default results/<task>/seed<k>, results/<task>/seeds<k>x<S> for "
+                                  "--seeds S > 1, or results/demo)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of iql,edm,cd,ct")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args(argv)
 
     os.chdir(REPO)
+    if args.seeds < 1:
+        ap.error(f"--seeds: expected a positive integer, found {args.seeds}")
     overrides = parse_overrides(args.set)
     if args.preset == "demo":
         cfg_dir = Path(args.config_dir or "configs/demo")
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             ensure_demo_data(data, args.seed)
     elif args.task:
         cfg_dir = Path(args.config_dir or f"configs/{args.task}")
-        out = Path(args.out or f"results/{args.task}/seed{args.seed}")
+        default = f"seed{args.seed}" if args.seeds == 1 else f"seeds{args.seed}x{args.seeds}"
+        out = Path(args.out or f"results/{args.task}/{default}")
         if "data.dataset" not in overrides:
             check_dataset(args.task)
     else:
@@ -159,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stages = [s for s in args.stages.split(",") if s]
     t0 = time.time()
-    timings = [run_stage(i + 1, len(stages), s, cfg_dir / f"{s}.yaml", out, args.seed, overrides)
+    timings = [run_stage(i + 1, len(stages), s, cfg_dir / f"{s}.yaml", out, args.seed, overrides, args.seeds)
                for i, s in enumerate(stages)]
     log(f"[report] assembling {out}/report.md")
     from idql_cm.eval.pipeline_report import assemble

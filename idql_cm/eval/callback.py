@@ -15,6 +15,12 @@ to the trainer's loggers at the global step, and writes ``eval_report.json`` / `
 ``trainer.log_dir`` (rank 0). Under DDP the episodes are split across ranks (rank r runs a contiguous share, each
 episode keeping its global seed ``seed + i``) and the per-episode results are gathered on every rank before
 reporting, so a DDP evaluation equals a single-process one episode for episode (up to the policy's sampling noise).
+
+Several seeds (``model.init_args.num_seeds: S``): every member is evaluated on the same episodes, member k with
+critic member k of an S-member IQL checkpoint (or the one critic of a solo one). The report's ``results`` are then the
+across-seed figures (the mean of the per-member means ± the SE across members, IDQL's protocol), and ``members`` holds
+each member's own per-NFE results (mean ± SE over its episodes); ``eval/nfe{k}/normalized_score`` is the across-seed
+mean and ``eval/nfe{k}/member_{j}/normalized_score`` member j's.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic
+from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, num_members, read_checkpoint
 from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
@@ -184,8 +190,8 @@ class RolloutEvaluation(Callback):
         self.seed = int(seed)
         self.progress = bool(progress)
 
-        self._critic: Any = None
-        self._critic_key: tuple | None = None
+        self._critics: dict[tuple, Any] = {}  # (path, device, member) -> critic
+        self._critic_count: tuple[str, int] | None = None  # (path, members it holds)
         self._skip_reason: str | None = None
         self._last_eval_step: int | None = None
         self._last_bucket = 0
@@ -217,7 +223,8 @@ class RolloutEvaluation(Callback):
             raise ConfigError(f"RolloutEvaluation.critic_ckpt: no IQL checkpoint at {path} (train the IQL stage first: "
                               "idql-cm fit --config configs/<task>/iql.yaml, or set critic_ckpt: null to evaluate the "
                               "behaviour policy alone)")
-        critic = self._load_critic_from(path, "cpu")
+        self._check_member_counts(int(getattr(pl_module, "num_seeds", 1)))
+        critic = self._load_critic_from(path, "cpu", 0 if self._critic_members() > 1 else None)
         if datamodule is not None and hasattr(datamodule, "normalizer"):
             norm = datamodule.normalizer
             _check_critic(path, critic, int(datamodule.obs_dim), int(datamodule.act_dim), torch.as_tensor(norm.mean),
@@ -225,9 +232,11 @@ class RolloutEvaluation(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Fail (or announce the skip) now rather than after hours of training.
-        actor = self._actor(pl_module)
+        members = int(getattr(pl_module, "num_seeds", 1))
+        actor = self._actor(pl_module, 0 if members > 1 else None)
         if self._env_for(actor) is not None:
-            critic = self._get_critic(pl_module.device)
+            self._check_member_counts(members)
+            critic = self._get_critic(pl_module.device, 0 if members > 1 else None)
             self._check_pair(actor, critic)
             IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)  # size check
 
@@ -267,11 +276,11 @@ class RolloutEvaluation(Callback):
 
     # -------------------------------------------------------------------------------------------- pieces
     @staticmethod
-    def _actor(pl_module):
+    def _actor(pl_module, member: int | None = None):
         if not callable(getattr(pl_module, "eval_actor", None)):
             raise ConfigError(f"RolloutEvaluation needs a behaviour-policy module with eval_actor() (EDM, CD or CT), "
                               f"found {type(pl_module).__name__}")
-        return pl_module.eval_actor()
+        return pl_module.eval_actor() if member is None else pl_module.eval_actor(member=member)
 
     def _env_for(self, actor: EvalActor) -> tuple[str, str] | None:
         """``(gymnasium id, why that one)`` to evaluate in, or None after announcing (once) why evaluation is
@@ -293,17 +302,37 @@ class RolloutEvaluation(Callback):
         return None
 
     @staticmethod
-    def _load_critic_from(path: str, device):
-        return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt")
+    def _load_critic_from(path: str, device, member: int | None = None):
+        return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt", member=member)
 
-    def _get_critic(self, device):
+    def _critic_members(self) -> int:
+        """How many members (num_seeds) ``critic_ckpt`` holds (read once per path)."""
+        path = str(self.critic_ckpt)
+        if self._critic_count is None or self._critic_count[0] != path:
+            meta = read_checkpoint(path, expect_kind="iql", what="RolloutEvaluation.critic_ckpt")["idql_cm"]
+            self._critic_count = (path, num_members(meta))
+        return self._critic_count[1]
+
+    def _check_member_counts(self, members: int) -> None:
+        """An S-member critic pairs critic k with actor k: it needs an actor of S members (a solo critic serves any)."""
+        if self.critic_ckpt is None:
+            return
+        held = self._critic_members()
+        if held > 1 and held != members:
+            raise ConfigError(f"RolloutEvaluation.critic_ckpt: {self.critic_ckpt} holds {held} IQL members (num_seeds: "
+                              f"{held}), the policy has {members}; critic k pairs with actor k, so train both with the "
+                              f"same model.init_args.num_seeds (or use a solo critic)")
+
+    def _get_critic(self, device, member: int | None = None):
+        """The critic for actor member ``member`` (None: a solo actor): critic member k of an S-member critic."""
         if self.critic_ckpt is None:
             return None
-        key = (str(self.critic_ckpt), str(device))
-        if self._critic_key != key:
-            self._critic = self._load_critic_from(str(self.critic_ckpt), device)
-            self._critic_key = key
-        return self._critic
+        which = member if member is not None and self._critic_members() > 1 else None
+        key = (str(self.critic_ckpt), str(device), which)
+        if key not in self._critics:
+            self._critics = {k: v for k, v in self._critics.items() if k[:2] == key[:2]}  # one path and device
+            self._critics[key] = self._load_critic_from(str(self.critic_ckpt), device, which)
+        return self._critics[key]
 
     @staticmethod
     def _gather(trainer, roll: Rollout) -> Rollout:
@@ -326,7 +355,7 @@ class RolloutEvaluation(Callback):
             metric = CatMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)  # .to() after would reset dtype
             metric.update(torch.tensor(values, dtype=torch.float64, device=device))
             value = metric.compute()
-            gathered[key] = value.cpu().tolist() if isinstance(value, torch.Tensor) else []
+            gathered[key] = value.reshape(-1).cpu().tolist() if isinstance(value, torch.Tensor) else []  # 1 value: 0-d
         rows = [dict(zip(per_rank, gathered["scalars"][i:i + len(per_rank)], strict=True))
                 for i in range(0, len(gathered["scalars"]), len(per_rank))]
         seconds = max(p["seconds"] for p in rows)
@@ -363,88 +392,136 @@ class RolloutEvaluation(Callback):
             rank_zero_warn(f"RolloutEvaluation: could not log {path} to TensorBoard ({type(e).__name__}: {e})")
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def run_evaluation(self, trainer, pl_module, step: int) -> dict[str, Any] | None:
-        """Evaluate every NFE at ``step``; returns the report on rank 0 (None elsewhere or when skipped)."""
-        from idql_cm.eval.report import build_report, nfe_result, write_report
+    def _rollouts(self, trainer, agent: IDQLAgent, env_id: str, step: int, task: str | None, video_dir: str,
+                  video_tag: str, what: str) -> list[dict[str, Any]]:
+        """Every NFE's episodes for one agent (this rank's share), gathered; the per-NFE results on rank 0."""
+        from idql_cm.eval.report import nfe_result
 
-        self._last_eval_step = int(step)
-        actor = self._actor(pl_module)
-        env = self._env_for(actor)
-        if env is None:
-            return None
-        env_id, env_note = env
-        device = pl_module.device
-        critic = self._get_critic(device)
-        self._check_pair(actor, critic)
-        agent = IDQLAgent(actor, critic, self.num_candidates, self.temperature, self.selection)
         world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
         n_local, first = _split(self.episodes, world, rank)
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
-        log_dir = str(log_dir or trainer.default_root_dir)
-        video_dir = os.path.join(log_dir, "videos")
-        task = actor.task or actor.env_id or self.env_id
-        if critic is None and not self._bc_announced:
-            self._bc_announced = True
-            rank_zero_info("RolloutEvaluation: no critic_ckpt: evaluating the behaviour policy alone "
-                           "(behaviour cloning, one sample per state)")
-
         results = []
-        was_training = pl_module.training
-        pl_module.eval()
-        fork_devices = [device.index or 0] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
-                for k in self.nfe:
-                    if n_local > 0:
-                        roll = evaluate(agent, env_id, episodes=n_local, num_envs=min(self.num_envs, n_local), nfe=k,
-                                        seed=self.seed + first, vector_mode=self.vector_mode,
-                                        max_episode_steps=self.max_episode_steps,
-                                        progress=self.progress and rank == 0,
-                                        record_episodes=min(self.record_video, n_local) if rank == 0 else 0,
-                                        video_dir=video_dir, video_prefix=f"step{step}_nfe{k}",
-                                        desc=f"eval step {step} NFE {k}")
-                    else:  # more ranks than episodes
-                        roll = Rollout(env_id=env_id, nfe=k)
-                    gathered = self._gather(trainer, roll)
-                    if rank == 0:
-                        results.append(nfe_result(gathered, task))
-        finally:
-            pl_module.train(was_training)
-        if rank != 0:
-            return None
+        for k in self.nfe:
+            if n_local > 0:
+                roll = evaluate(agent, env_id, episodes=n_local, num_envs=min(self.num_envs, n_local), nfe=k,
+                                seed=self.seed + first, vector_mode=self.vector_mode,
+                                max_episode_steps=self.max_episode_steps, progress=self.progress and rank == 0,
+                                record_episodes=min(self.record_video, n_local) if rank == 0 else 0,
+                                video_dir=video_dir, video_prefix=f"step{step}{video_tag}_nfe{k}",
+                                desc=f"eval step {step}{what} NFE {k}")
+            else:  # more ranks than episodes
+                roll = Rollout(env_id=env_id, nfe=k)
+            gathered = self._gather(trainer, roll)
+            if rank == 0:
+                results.append(nfe_result(gathered, task))
+        return results
 
-        report = build_report(
-            results, task=task, env_id=env_id, backbone=actor.kind, step=int(step),
-            critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
-            temperature=self.temperature, num_candidates=self.num_candidates,
-            env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
-            checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
-            episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
-            max_episode_steps=self.max_episode_steps, world_size=world,
-            train_seed=int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None,
-        )
+    @staticmethod
+    def _line(step: int, what: str, r: dict[str, Any]) -> str:
+        score = r.get("normalized_score_mean")
+        return (f"RolloutEvaluation step {step}{what} NFE {r['nfe']}: "
+                + (f"normalised score {score:.1f} ± {r['normalized_score_se'] or 0:.1f}, " if score is not None else "")
+                + (f"return {r['return_mean']:.1f}" if r["return_mean"] is not None else "no stable episode")
+                + f" ({r['episodes']} episodes, {r['unstable_episodes']} unstable, {r['seconds']:.1f} s, "
+                  f"{r['action_latency_ms']:.2f} ms/action)")
+
+    @staticmethod
+    def _metrics(results: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
         metrics: dict[str, float] = {}
         for r in results:
             k = r["nfe"]
             for name, key in (("normalized_score", "normalized_score_mean"), ("normalized_score_se", "normalized_score_se"),
                               ("return_mean", "return_mean"), ("action_latency_ms", "action_latency_ms")):
                 if r.get(key) is not None:
-                    metrics[f"eval/nfe{k}/{name}"] = float(r[key])
+                    metrics[f"eval/nfe{k}/{prefix}{name}"] = float(r[key])
             if r["unstable_episodes"]:
-                metrics[f"eval/nfe{k}/unstable_episodes"] = float(r["unstable_episodes"])
-            score = r.get("normalized_score_mean")
-            rank_zero_info(
-                f"RolloutEvaluation step {step} NFE {k}: "
-                + (f"normalised score {score:.1f} ± {r['normalized_score_se'] or 0:.1f}, " if score is not None else "")
-                + (f"return {r['return_mean']:.1f}" if r["return_mean"] is not None else "no stable episode")
-                + f" ({r['episodes']} episodes, {r['unstable_episodes']} unstable, {r['seconds']:.1f} s, "
-                  f"{r['action_latency_ms']:.2f} ms/action)")
+                metrics[f"eval/nfe{k}/{prefix}unstable_episodes"] = float(r["unstable_episodes"])
+        return metrics
+
+    def run_evaluation(self, trainer, pl_module, step: int) -> dict[str, Any] | None:
+        """Evaluate every NFE (and every member of an S-member module) at ``step``; returns the report on rank 0
+        (None elsewhere or when skipped)."""
+        from idql_cm.eval.report import build_report, merge_seeds, write_report
+
+        self._last_eval_step = int(step)
+        S = int(getattr(pl_module, "num_seeds", 1))
+        actors = [self._actor(pl_module)] if S == 1 else [self._actor(pl_module, k) for k in range(S)]
+        actor = actors[0]
+        env = self._env_for(actor)
+        if env is None:
+            return None
+        env_id, env_note = env
+        device = pl_module.device
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
+        log_dir = str(log_dir or trainer.default_root_dir)
+        video_dir = os.path.join(log_dir, "videos")
+        task = actor.task or actor.env_id or self.env_id
+        if self.critic_ckpt is None and not self._bc_announced:
+            self._bc_announced = True
+            rank_zero_info("RolloutEvaluation: no critic_ckpt: evaluating the behaviour policy alone "
+                           "(behaviour cloning, one sample per state)")
+        seeds = [pl_module.member_seed(k) for k in range(S)] if S > 1 else []
+
+        per_member: list[list[dict[str, Any]]] = []
+        was_training = pl_module.training
+        pl_module.eval()
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            for k, member_actor in enumerate(actors):
+                critic = self._get_critic(device, k if S > 1 else None)
+                self._check_pair(member_actor, critic)
+                agent = IDQLAgent(member_actor, critic, self.num_candidates, self.temperature, self.selection)
+                what = f" member {k} (seed {seeds[k]})" if S > 1 else ""
+                # every member sees the same episodes and, from the same state, the same sampling seeds
+                with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
+                    per_member.append(self._rollouts(trainer, agent, env_id, step, task, video_dir,
+                                                     f"_member{k}" if S > 1 else "", what))
+        finally:
+            pl_module.train(was_training)
+        if rank != 0:
+            return None
+
+        common = dict(
+            task=task, env_id=env_id, backbone=actor.kind, step=int(step),
+            critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
+            temperature=self.temperature, num_candidates=self.num_candidates,
+            env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
+            checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
+            episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
+            max_episode_steps=self.max_episode_steps, world_size=world)
+        base_seed = int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None
+        lines: list[str] = []
+        if S == 1:
+            results = per_member[0]
+            report = build_report(results, **common, train_seed=base_seed)
+            metrics = self._metrics(results)
+            lines = [self._line(step, "", r) for r in results]
+        else:
+            solo = [build_report(res, **common, train_seed=seeds[k]) for k, res in enumerate(per_member)]
+            # the across-seed rows exactly as `idql-cm report` merges solo seeds (one code path, one definition)
+            results = merge_seeds([[r] for r in solo])[0]["results"]
+            report = build_report(results, **common, seeds=S, seed_everything=base_seed, train_seeds=seeds,
+                                  members=[{"member": k, "train_seed": seeds[k], "results": res}
+                                           for k, res in enumerate(per_member)])
+            metrics = self._metrics(results)
+            for k, res in enumerate(per_member):
+                metrics.update(self._metrics(res, f"member_{k}/"))
+                lines += [self._line(step, f" member {k} (seed {seeds[k]})", r) for r in res]
+            for r in results:
+                score = r.get("normalized_score_mean")
+                lines.append(f"RolloutEvaluation step {step} NFE {r['nfe']} over {S} seeds: "
+                             + (f"normalised score {score:.1f} ± {r['normalized_score_se'] or 0:.1f} (mean of the "
+                                f"members' means ± SE across members)" if score is not None else
+                                f"return {r['return_mean']}"))
+        for line in lines:
+            rank_zero_info(line)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=int(step))
             logger.save()
-        for r in results:
-            for i, path in enumerate(r.get("videos", [])):
-                self._log_video(trainer, path, f"eval/nfe{r['nfe']}/video{i}", int(step))
+        for res in per_member:
+            for r in res:
+                for i, path in enumerate(r.get("videos", [])):
+                    self._log_video(trainer, path, f"eval/nfe{r['nfe']}/video{i}", int(step))
         jpath, _ = write_report(report, log_dir)
         rank_zero_info(f"RolloutEvaluation: wrote {jpath}")
         self.last_report = report

@@ -12,6 +12,10 @@ Across training seeds (:func:`merge_seeds`) the result is the mean of the per-se
 (``ddof = 1`` over seeds, ``"se_over": "seeds"``), as IDQL's authors report; with a single seed the episode SE of
 that seed is kept (``"se_over": "episodes"``).
 
+An ensemble run (``num_seeds: S``) writes one report whose ``results`` are already those across-seed rows and whose
+``members`` hold each member's own per-NFE results (``{"member", "train_seed", "results"}``);
+:func:`expand_members` turns it back into S solo-like reports, so ensembles and solo seeds merge alike.
+
 Report JSON shape::
 
     {"task": str | None, "env_id": str, "backbone": "edm"|"cd"|"ct", "step": int, "critic": path | None,
@@ -140,6 +144,17 @@ def build_report(results: Sequence[dict[str, Any]], *, task: str | None, env_id:
     return report
 
 
+def expand_members(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The S solo-like reports of an ensemble report (member k's results, ``train_seed`` s + k, ``member`` k); a solo
+    report as it is."""
+    members = report.get("members")
+    if not members:
+        return [report]
+    top = {k: v for k, v in report.items() if k not in ("results", "members", "seeds", "train_seeds", "seed_everything")}
+    return [{**top, "member": m.get("member"), "train_seed": m.get("train_seed"), "results": m.get("results", [])}
+            for m in members]
+
+
 # ------------------------------------------------------------------------------------------------- rendering
 def short_task(task: str | None, env_id: str | None = None) -> str:
     """``halfcheetah-medium-expert-v2`` → ``HalfCheetah-me`` (the tutorial's row labels); unknown names as they are."""
@@ -195,8 +210,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"state).")
     if report.get("env_choice"):
         lines.append(f"Environment: {report['env_choice']}.")
-    lines += [f"Training step {report.get('step')}; D4RL normalised score ×100, mean ± standard error over "
-              f"episodes (sample std / √n); unstable episodes excluded.", ""]
+    members = report.get("members") or []
+    if members:
+        seeds = ", ".join(str(m.get("train_seed")) for m in members)
+        lines += [f"Training step {report.get('step')}; D4RL normalised score ×100 over {len(members)} training seeds "
+                  f"({seeds}, trained side by side: num_seeds {len(members)}): the mean of the members' means ± the "
+                  f"standard error across members (sample std / √seeds); each member on the same episodes; unstable "
+                  f"episodes excluded. Episodes and unstable are summed over members, the timings averaged.", ""]
+    else:
+        lines += [f"Training step {report.get('step')}; D4RL normalised score ×100, mean ± standard error over "
+                  f"episodes (sample std / √n); unstable episodes excluded.", ""]
     lines.append(f"| Environment | NFE | {bb} ({_fmt_steps(report.get('step'))}) | return | episodes | unstable | "
                  f"action latency (ms) | env steps/s | seconds |")
     lines.append("| --- | :-- | --- | --- | --- | --- | --- | --- | --- |")
@@ -207,7 +230,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r.get('return_mean'), r.get('return_se'))} | {r.get('episodes')} | "
             f"{r.get('unstable_episodes', 0)} | {_num(r.get('action_latency_ms'), '.3f')} | "
             f"{_num(r.get('env_steps_per_second'), '.0f')} | {_num(r.get('seconds'), '.1f')} |")
-    videos = [v for r in report.get("results", []) for v in r.get("videos", [])]
+    if members:
+        nfes = [r["nfe"] for r in report.get("results", [])]
+        lines += ["", "Per member: mean ± standard error over its episodes.", "",
+                  "| NFE | " + " | ".join(f"member {m.get('member')} (seed {m.get('train_seed')})" for m in members)
+                  + " |", "| :-- | " + " | ".join("---" for _ in members) + " |"]
+        for k in nfes:
+            cells = []
+            for m in members:
+                res = next((x for x in m.get("results", []) if x["nfe"] == k), None)
+                cells.append(_fmt(res.get("normalized_score_mean"), res.get("normalized_score_se")) if res else "—")
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    videos = [v for r in [*report.get("results", []), *(x for m in members for x in m.get("results", []))]
+              for v in r.get("videos", [])]
     if videos:
         lines += ["", "Videos: " + ", ".join(f"`{v}`" for v in videos)]
     return "\n".join(lines) + "\n"
@@ -253,10 +288,12 @@ def _group_key(report: dict[str, Any]) -> tuple:
 def combined_table(reports: Sequence[dict[str, Any]]) -> str:
     """Markdown table like the tutorial's: rows (task, NFE), columns EDM / CD / CT (plus any other backbone and
     behaviour-cloning-alone runs), cells "mean±SE" of the normalised score. Several reports for the same task and
-    backbone (e.g. seeds) are merged first with :func:`merge_seeds`."""
+    backbone (e.g. seeds, and the members of an ensemble report, :func:`expand_members`) are merged first with
+    :func:`merge_seeds`."""
     groups: OrderedDict[tuple, list[dict]] = OrderedDict()
     for r in reports:
-        groups.setdefault(_group_key(r), []).append(r)
+        for m in expand_members(r):
+            groups.setdefault(_group_key(m), []).append(m)
     merged = []
     for rs in groups.values():
         merged += merge_seeds([[r] for r in rs]) if len(rs) > 1 else rs
@@ -293,15 +330,22 @@ def combined_table(reports: Sequence[dict[str, Any]]) -> str:
 
 def merge_seeds(reports_by_seed: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Merge the reports of several training seeds: ``reports_by_seed[i]`` holds seed ``i``'s reports (one per task
-    and backbone; for duplicates the latest step is kept).
+    and backbone; for duplicates the latest step is kept). An ensemble report among them counts as its S members,
+    each a seed of its own (:func:`expand_members`).
 
     Per (task, backbone, IDQL-or-not) and NFE: ``normalized_score_mean`` / ``return_mean`` = mean of the per-seed
     means; ``*_se`` = sample std (ddof 1) of the per-seed means / √(seeds) (``"se_over": "seeds"``); with one seed
     the episode SE is kept (``"se_over": "episodes"``). Also ``seeds`` (count), ``normalized_score_seeds`` (the
     per-seed means), summed ``episodes`` / ``unstable_episodes``, and mean ``seconds`` / ``action_latency_ms``.
     """
-    per_key: OrderedDict[tuple, list[dict]] = OrderedDict()
+    buckets: list[list[dict]] = []
     for seed_reports in reports_by_seed:
+        buckets.append([r for r in seed_reports if not r.get("members")])
+        for r in seed_reports:
+            if r.get("members"):
+                buckets += [[m] for m in expand_members(r)]
+    per_key: OrderedDict[tuple, list[dict]] = OrderedDict()
+    for seed_reports in buckets:
         latest: OrderedDict[tuple, dict] = OrderedDict()
         for r in seed_reports:
             k = _group_key(r)
@@ -466,8 +510,9 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
         "report", help="merge evaluation reports across seeds and print the NFE × backbone table",
         description="Find report.json / eval_report*.json under the given directories, merge training seeds "
                     "(a path component 'seedN' names the seed; else the report's train_seed; else each DIR is "
-                    "one seed), print the Markdown table and, with --out, write combined_report.{json,md} and "
-                    "scores.png.")
+                    "one seed; member k of an ensemble report, num_seeds S, is seed s + k and merges with a solo "
+                    "run of that seed), print the Markdown table and, with --out, write combined_report.{json,md} "
+                    "and scores.png.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (or report files) to gather")
     p.add_argument("--out", default=None, metavar="DIR", help="write combined_report.json/.md and scores.png here")
     p.set_defaults(func=run_report)
@@ -494,8 +539,13 @@ def run_report(args) -> int:
     for i, d in enumerate(args.dirs):
         for f in find_report_files([d]):
             for r in load_report_file(f):
-                label = _seed_label(f, r, i)
-                by_seed.setdefault(label, []).append(r)
+                if r.get("members"):  # member k is seed s + k: it merges with (and as) a solo run of that seed
+                    label = f"{len(r['members'])} seeds"
+                    for m in expand_members(r):
+                        by_seed.setdefault(f"seed{m['train_seed']}", []).append(m)
+                else:
+                    label = _seed_label(f, r, i)
+                    by_seed.setdefault(label, []).append(r)
                 sources.append((f, r, label))
     if not sources:
         raise DataError(f"idql-cm report: no report.json or eval_report*.json with results under "
