@@ -42,20 +42,22 @@ class PoisonAt(pl.Callback):
 
     ``what="batch"`` writes NaN into one action (or, with ``key``, one entry of that batch key) before the step: a NaN
     loss. ``what="grad"`` writes Inf into one gradient after backward (callbacks run ``on_before_optimizer_step``
-    before the module's check): a finite loss with a non-finite gradient.
+    before the module's check): a finite loss with a non-finite gradient. ``member``: poison only that member of a
+    ``num_seeds`` run (its slice of the ``[S, B, ...]`` batch, or of the stacked gradient).
     """
 
-    def __init__(self, steps: list[int], what: str = "batch", key: str = "act") -> None:
-        self.steps, self.what, self.key = {int(s) for s in steps}, what, key
+    def __init__(self, steps: list[int], what: str = "batch", key: str = "act", member: int | None = None) -> None:
+        self.steps, self.what, self.key, self.member = {int(s) for s in steps}, what, key, member
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.what == "batch" and trainer.global_step in self.steps:
-            batch[self.key][0, 0] = float("nan")
+            target = batch[self.key] if self.member is None else batch[self.key][self.member]
+            target[0, 0] = float("nan")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.what == "grad" and trainer.global_step in self.steps:
             p = next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None)
-            p.grad.view(-1)[0] = float("inf")
+            (p.grad if self.member is None else p.grad[self.member]).view(-1)[0] = float("inf")
 
 
 class StateTrace(pl.Callback):

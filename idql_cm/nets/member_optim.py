@@ -152,4 +152,7 @@ def member_ema_update_(ema_module: nn.Module, module: nn.Module, decay: float | 
     for k in chosen:
         torch._foreach_lerp_([p[k] for p in params_ema], [p[k] for p in params], 1.0 - rates[k])
         for b_ema, b in zip(ema_module.buffers(), module.buffers(), strict=True):
-            b_ema[k].copy_(b[k])
+            if b.ndim and b.shape[0] == S:
+                b_ema[k].copy_(b[k])
+            else:  # one value shared by the members (EDMDenoiser's x_min / x_max): a constant, copied whole
+                b_ema.copy_(b)
