@@ -88,3 +88,33 @@ def test_pipeline_bad_d4rl_file_stops_at_once(tmp_path, content):
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert str(path) in err and ("HDF5" in err if content != "wrong_layout" else "'actions'" in err), err
     assert not (tmp_path / "run" / "iql").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_with_seeds_trains_every_stage_as_an_ensemble_and_reports_across_seeds(tmp_path):
+    """`make pipeline SEEDS=2`: every stage a 2-member ensemble (CD member k from EDM member k, actor k with critic
+    k), and the report's table is the mean ± SE across the two seeds."""
+    import torch
+    import yaml
+
+    data = write_d4rl_file(tmp_path / "cheetah.hdf5", n_episodes=3, episode_len=60, obs_dim=17, act_dim=6,
+                           env_id="HalfCheetah-v5")
+    out = tmp_path / "seeds"
+    proc = _pipeline("--task", "halfcheetah-medium-v2", "--out", str(out), "--seeds", "2", "--seed", "3",
+                     "--set", f"data.dataset={data}", *TINY, "--set", "trainer.max_steps=4",
+                     "--set", "eval.nfe=[1, 2]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("iql", "edm", "cd", "ct"):
+        cfg = yaml.safe_load((out / f"{stage}.yaml").read_text())
+        assert cfg["model"]["init_args"]["num_seeds"] == 2 and cfg["seed_everything"] == 3
+        meta = torch.load(out / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["idql_cm"]
+        assert meta["num_seeds"] == 2 and meta["seed"] == 3
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(r["backbone"] for r in report["reports"]) == ["cd", "ct", "edm"]
+    for r in report["reports"]:
+        assert r["train_seeds"] == [3, 4] and [m["member"] for m in r["members"]] == [0, 1]
+        assert all(x["se_over"] == "seeds" for x in r["results"])
+    text = (out / "report.md").read_text()
+    assert "mean ± standard error over 2 training seeds" in text and "| Environment | NFE |" in text
+    bad = _pipeline("--task", "halfcheetah-medium-v2", "--out", str(out), "--seeds", "0")
+    assert bad.returncode == 2 and "--seeds: expected a positive integer, found 0" in bad.stderr
