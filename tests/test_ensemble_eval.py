@@ -149,3 +149,18 @@ def test_loading_a_checkpoint_leaves_torchs_generator_alone(runs):
     load_policy(str(runs["solo6"] / "checkpoints" / "last.ckpt"), device="cpu")
     load_critic(str(runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"), device="cpu", member=1)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_export_takes_one_member_and_refuses_an_ensemble_without_member(runs, tmp_path):
+    from tests.test_cli_errors import _one_line_error
+
+    actor = runs["ens"] / "checkpoints" / "last.ckpt"
+    critic = runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"
+    _one_line_error(run_cli_subprocess(["export", "--actor", str(actor), "--critic", str(critic), "--out",
+                                        str(tmp_path / "a.onnx")]), "holds 2 members", "pass --member k")
+    assert not (tmp_path / "a.onnx").exists()
+    ok = run_cli_subprocess(["export", "--actor", str(actor), "--critic", str(critic), "--member", "1",
+                             "--candidates", "4", "--out", str(tmp_path / "m1.onnx")])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    shown = run_cli_subprocess(["export", "--inspect", str(tmp_path / "m1.onnx")])
+    assert shown.returncode == 0 and "member" in shown.stdout and "1" in shown.stdout.split("member", 1)[1][:20]

@@ -28,6 +28,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=100.0, help="T of softmax(T * advantage) (default 100)")
     p.add_argument("--selection", choices=("softmax", "argmax"), default="softmax", help="default softmax")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix (.onnx; .pt/.ts)")
+    p.add_argument("--member", type=int, default=None, metavar="K",
+                   help="member K of ensemble checkpoints (num_seeds): actor K with critic K (or a solo critic)")
     p.add_argument("--out", metavar="FILE", help="the file to write")
     p.add_argument("--inspect", metavar="FILE", default=None, help="print an exported file's metadata and exit")
     p.set_defaults(func=run_export)
@@ -56,7 +58,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError("idql-cm export: expected --actor CKPT and --out FILE (or --inspect FILE), found "
                           + ("neither" if not (args.actor or args.out) else "no --out" if args.actor else "no --actor"))
     res = export_agent(args.actor, args.critic, args.out, nfe=args.nfe, candidates=args.candidates,
-                       temperature=args.temperature, selection=args.selection, fmt=args.format)
+                       temperature=args.temperature, selection=args.selection, fmt=args.format, member=args.member)
     m = res.metadata
     what = (f"{m['candidates']} candidates, {m['selection']}" + (f" T={m['temperature']}"
             if m["selection"] == "softmax" else "")) if m["critic_sha256"] else "behaviour policy alone"

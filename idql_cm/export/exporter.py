@@ -119,22 +119,28 @@ def check_writable(out: str) -> None:
 
 
 def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256, temperature: float = 100.0,
-                selection: str = "softmax"):
+                selection: str = "softmax", member: int | None = None):
     """The eager :class:`IDQLAgent` on the CPU, with the export's checks: ``--actor`` must be a behaviour policy
-    and ``--critic`` an IQL critic of the same data (sizes and observation normaliser)."""
+    and ``--critic`` an IQL critic of the same data (sizes and observation normaliser). ``member`` k of ensemble
+    checkpoints (``num_seeds``): actor k with critic k (or a solo critic)."""
     from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, load_policy, read_checkpoint
     from idql_cm.eval.agent import IDQLAgent
+    from idql_cm.eval.api import critic_member
 
     try:
-        actor = load_policy(str(actor_ckpt), device="cpu")
+        actor = load_policy(str(actor_ckpt), device="cpu", member=member)
     except CheckpointError as e:
-        raise CheckpointError(f"--actor: {e}") from e
+        raise CheckpointError(f"--actor: {e}".replace("pass member=k", "pass --member k")) from e
     critic = None
     if critic_ckpt is not None:
         meta = read_checkpoint(str(critic_ckpt), expect_kind="iql", what="--critic")["idql_cm"]
         data = DataFacts(actor.obs_dim, actor.act_dim, actor.obs_mean, actor.obs_std, f"{actor.task} (the --actor's)")
         check_fits_data(DataFacts.of_payload(meta), data, "--critic", str(critic_ckpt))
-        critic = load_critic(str(critic_ckpt), device="cpu", what="--critic")
+        try:
+            critic = load_critic(str(critic_ckpt), device="cpu", what="--critic",
+                                 member=critic_member(str(critic_ckpt), member))
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace("pass member=k", "pass --member k")) from e
     return IDQLAgent(actor, critic, num_candidates=candidates, temperature=temperature, selection=selection)
 
 
@@ -189,7 +195,8 @@ def _example(agent, nfe: int, b: int, seed: int = 0):
 
 
 def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 1, candidates: int = 256,
-                 temperature: float = 100.0, selection: str = "softmax", fmt: str | None = None) -> ExportResult:
+                 temperature: float = 100.0, selection: str = "softmax", fmt: str | None = None,
+                 member: int | None = None) -> ExportResult:
     """Export the agent of ``actor_ckpt`` (+ ``critic_ckpt``) at ``nfe`` to ``out`` (ONNX or TorchScript).
 
     Everything a user can get wrong is refused before anything is written (one-line :class:`IDQLError`): the
@@ -202,7 +209,7 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
     fmt = format_for(str(out), fmt)
     if fmt == "onnx":
         require_onnx("export to ONNX")
-    agent = build_agent(actor_ckpt, critic_ckpt, candidates, temperature, selection)
+    agent = build_agent(actor_ckpt, critic_ckpt, candidates, temperature, selection, member)
     nfe = int(nfe)
     obs, noise, u = _example(agent, nfe, b=3)
     try:
@@ -214,6 +221,8 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
         warnings.simplefilter("ignore")  # TracerWarnings: the sampler's Python checks run once, at trace time
         traced = torch.jit.trace(graph, (obs, noise, u), check_trace=False)
     meta = _metadata(agent, nfe, str(actor_ckpt), None if critic_ckpt is None else str(critic_ckpt), fmt)
+    if member is not None:
+        meta["member"] = int(member)
     try:
         with atomic_path(out) as tmp:  # the checked file replaces ``out`` only if every check passed
             _write(fmt, traced, (obs, noise, u), meta, tmp)
