@@ -133,6 +133,11 @@ def test_a_critic_of_another_member_count_is_refused_in_one_line(runs, dataset, 
                         model_args={**_ct_extra(), "num_seeds": 3}, eval_args={**EVAL, "critic_ckpt": str(critic)})
     _one_line_error(run_cli_subprocess(["fit", "--config", str(cfg)]), "holds 2 IQL members", "the policy has 3")
     assert not (tmp_path / "ct" / "checkpoints").exists()
+    solo = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "solo.yaml", tmp_path / "solo", dataset, steps=2,
+                         model_args=_ct_extra(), eval_args={**EVAL, "critic_ckpt": str(critic)})
+    _one_line_error(run_cli_subprocess(["fit", "--config", str(solo)]), "RolloutEvaluation.critic_ckpt",
+                    "holds 2 members")
+    assert not (tmp_path / "solo" / "checkpoints").exists()
 
 
 def test_loading_a_checkpoint_leaves_torchs_generator_alone(runs):

@@ -224,7 +224,9 @@ class RolloutEvaluation(Callback):
                               "idql-cm fit --config configs/<task>/iql.yaml, or set critic_ckpt: null to evaluate the "
                               "behaviour policy alone)")
         self._check_member_counts(int(getattr(pl_module, "num_seeds", 1)))
-        critic = self._load_critic_from(path, "cpu", 0 if self._critic_members() > 1 else None)
+        members = int(getattr(pl_module, "num_seeds", 1))
+        critic = (self._load_critic_from(path, "cpu") if members == 1 or self._critic_members() == 1
+                  else self._load_critic_from(path, "cpu", 0))
         if datamodule is not None and hasattr(datamodule, "normalizer"):
             norm = datamodule.normalizer
             _check_critic(path, critic, int(datamodule.obs_dim), int(datamodule.act_dim), torch.as_tensor(norm.mean),
@@ -315,7 +317,7 @@ class RolloutEvaluation(Callback):
 
     def _check_member_counts(self, members: int) -> None:
         """An S-member critic pairs critic k with actor k: it needs an actor of S members (a solo critic serves any)."""
-        if self.critic_ckpt is None:
+        if self.critic_ckpt is None or members == 1:  # a solo policy: load_critic refuses an S-member critic itself
             return
         held = self._critic_members()
         if held > 1 and held != members:
@@ -331,7 +333,9 @@ class RolloutEvaluation(Callback):
         key = (str(self.critic_ckpt), str(device), which)
         if key not in self._critics:
             self._critics = {k: v for k, v in self._critics.items() if k[:2] == key[:2]}  # one path and device
-            self._critics[key] = self._load_critic_from(str(self.critic_ckpt), device, which)
+            path = str(self.critic_ckpt)
+            self._critics[key] = (self._load_critic_from(path, device) if which is None
+                                  else self._load_critic_from(path, device, which))
         return self._critics[key]
 
     @staticmethod
