@@ -1,5 +1,5 @@
 """Smoke test of the benchmarks: ``python -m benchmarks --quick`` (what ``make bench`` runs, at tiny sizes) runs end
-to end and writes every key, the exported agent's included.
+to end and writes every key, the exported agent's and the ensemble's included.
 
 A benchmark, not a timed test: values are only checked to be present, finite and positive, never against a
 threshold (CI machines are shared and their speed varies).
@@ -42,6 +42,10 @@ def test_bench_quick_writes_every_key(tmp_path):
         for nfe in (1, 2, 4):
             for runtime in ("onnxruntime", "torchscript", "eager", "onnxruntime_speedup_vs_eager"):
                 assert _positive(rows[f"nfe{nfe}"][runtime]), (nfe, runtime)
+
+    for kind in ("iql", "edm", "ct", "cd"):  # several seeds in one run: both sides measured, and their ratio
+        for key in ("ensemble_member_updates_per_s", "solo_member_updates_per_s", "speedup"):
+            assert _positive(res["ensemble"][kind][key]), (kind, key)
 
     machine = res["machine"]
     for key in ("cpu", "cores", "torch"):
