@@ -218,12 +218,13 @@ def make_trainer(max_steps: int, cfg: dict[str, Any], log_dir: str | None, versi
     )
 
 
-def make_teacher(dm, cfg: dict[str, Any], path: str) -> str:
-    """An EDM checkpoint from a few Lightning steps (the CD teacher)."""
+def make_teacher(dm, cfg: dict[str, Any], path: str, **overrides: Any) -> str:
+    """An EDM checkpoint from a few Lightning steps (the CD teacher); ``overrides``: EDMModule arguments (e.g.
+    ``num_seeds=5`` for the teacher of a 5-member CD)."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0, verbose=False)
-    module = make_module("edm", cfg)
+    module = make_module("edm", cfg, **overrides)
     trainer = make_trainer(2, cfg, None, "teacher")
     trainer.fit(module, datamodule=dm)
     trainer.save_checkpoint(path)

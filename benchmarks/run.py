@@ -18,8 +18,12 @@ Everything is measured side by side in one process on one machine (CPU, fp32), s
    with 32 candidates, CT at NFE 1, episodes of 200 steps), policy time included.
 5. **Exported agent** (key ``export``, ``benchmarks/export.py``): ms per decision of onnxruntime, TorchScript and
    the eager ``load_agent`` for 1 and 50 states × 256 candidates at NFE 1, 2, 4.
+6. **Several seeds in one run** (key ``ensemble``, ``benchmarks/ensemble.py``): member-updates/s of one ``fit``
+   with ``num_seeds: 5`` against 5 consecutive solo fits (seeds s..s+4) per module, their blocks timed alternately
+   in one process, and the speed-up next to the issue's target (>= 2× IQL, >= 1.2× the others on CPU, >= 4× GPU).
 
-One module per benchmark: ``throughput.py`` (1), ``dataloader.py`` (2), ``acting.py`` (3, 4), ``export.py`` (5);
+One module per benchmark: ``throughput.py`` (1), ``dataloader.py`` (2), ``acting.py`` (3, 4), ``export.py`` (5),
+``ensemble.py`` (6);
 ``diagnostics.py`` (``--ablate``, ``--profile``), ``tables.py`` (the JSON and the tables), ``harness.py`` (shared).
 
 ``--quick`` runs tiny sizes (seconds; the CI smoke test, not a measurement); ``--only train,sampler`` runs a subset.
@@ -41,12 +45,12 @@ from typing import Any
 
 import torch
 
-from benchmarks import export
+from benchmarks import ensemble, export
 from benchmarks.acting import bench_action, bench_eval
 from benchmarks.dataloader import bench_sampler
 from benchmarks.diagnostics import ablate, lightning_floor, profile_lightning
 from benchmarks.harness import ACT_DIM, FULL, KINDS, OBS_DIM, QUICK, ROOT, machine_info, quiet
-from benchmarks.tables import export_lines, table, write_results
+from benchmarks.tables import ensemble_lines, export_lines, table, write_results
 from benchmarks.throughput import bench_training
 
 
@@ -54,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the JSON results")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
-    p.add_argument("--only", default="train,sampler,action,eval,export",
-                   help="comma-separated subset of train,sampler,action,eval,export")
+    p.add_argument("--only", default="train,sampler,action,eval,export,ensemble",
+                   help="comma-separated subset of train,sampler,action,eval,export,ensemble")
     p.add_argument("--kinds", default=",".join(KINDS), help="training modules to bench (iql,edm,ct,cd)")
     p.add_argument("--rounds", type=int, default=None, help="with --ablate: interleaved rounds per variant")
     p.add_argument("--groups", type=int, default=None,
@@ -139,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         if "export" in only:  # self-contained: benchmarks/export.py
             log("exported agent (onnxruntime / TorchScript / eager load_agent, ms per decision):")
             res["export"] = export.bench_export(export.QUICK if args.quick else export.FULL, work, log)
+        if "ensemble" in only:
+            ens = ensemble.QUICK if args.quick else ensemble.FULL
+            log(f"several seeds in one run (num_seeds {ens['members']} vs {ens['members']} consecutive solo runs, "
+                "member-updates/s):")
+            res["ensemble"] = ensemble.bench_ensemble(settings, ens, work, kinds, log)
         try:
             res["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:
@@ -150,5 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(res))
     if "export" in res:
         print("\n" + "\n".join(export_lines(res["export"])))
+    if "ensemble" in res:
+        print("\n" + "\n".join(ensemble_lines(res["ensemble"])))
     print(f"\nwrote {out} ({res['total_seconds']:.0f} s)")
     return 0

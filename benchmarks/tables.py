@@ -78,3 +78,24 @@ def export_lines(res: dict[str, Any]) -> list[str]:
             lines.append(f"| {states} state(s){', 1 thread' if one else ''} | {nfe} | {o['onnxruntime']:.2f} | "
                          f"{o['torchscript']:.2f} | {o['eager']:.2f} | {o['onnxruntime_speedup_vs_eager']:.2f}× |")
     return lines
+
+
+def ensemble_lines(res: dict[str, Any]) -> list[str]:
+    """Markdown rows of the ``ensemble`` record: one ``num_seeds: S`` fit against S consecutive solo fits."""
+    s = res["settings"]
+    S = s["members"]
+    lines = [f"| num_seeds {S} vs {S} solo runs (batch {s['batch_size']}, {s['precision']}, {s['device'].upper()}, "
+             f"fused_steps {s['fused_steps']}) | ensemble member-updates/s | solo member-updates/s | speed-up | "
+             "target | met |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for k in KINDS:
+        if k in res:
+            o = res[k]
+            flag = " (speed varied: machine busy)" if o.get("noisy") else ""
+            lines.append(f"| {k.upper()}{flag} | {o['ensemble_member_updates_per_s']:.1f} | "
+                         f"{o['solo_member_updates_per_s']:.1f} | {o['speedup']:.2f}× | ≥ {o['target']:g}× | "
+                         f"{'n/a' if o['target_met'] is None else 'yes' if o['target_met'] else 'no'} |")
+    if s.get("quick"):
+        lines.append("(QUICK sizes: not representative)")
+    if S != 5:
+        lines.append("(the targets are stated for S = 5: n/a here)")
+    return lines
