@@ -170,3 +170,22 @@ def test_one_member_loads_from_an_ensemble_checkpoint(edm_ensemble, dataset, tmp
     assert torch.equal(agent.critic.v.v[0].weight, iql["state_dict"]["v.v.0.weight"][2])
     with pytest.raises(CheckpointError, match="holds 3 members"):
         load_agent(edm_ensemble, iql_path, device="cpu")
+
+
+def test_a_data_module_reused_after_an_ensemble_fit_draws_solo_batches_again(dataset, tmp_path):
+    """The module sets the data module's member count on every setup, so a solo fit after an ensemble fit on the
+    same TDDataModule draws [B, ...] batches again (it kept drawing [S, B, ...] before)."""
+    import lightning as L
+
+    from idql_cm.data.datamodule import TDDataModule
+    from idql_cm.modules import IQLModule
+
+    dm = TDDataModule(dataset=dataset, batch_size=16)
+    for members in (S, 1):
+        module = IQLModule(hidden_dim=16, num_seeds=members)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+        trainer.fit(module, datamodule=dm)
+        assert dm.num_members == members
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["obs"].shape == ((S, 16, 17) if members > 1 else (16, 17))

@@ -155,7 +155,8 @@ class IDQLModule(pl.LightningModule):
             if dm is None or not hasattr(dm, "num_members"):
                 raise ConfigError(f"model.num_seeds: {self.num_seeds} members need a data module that draws a batch "
                                   f"per member (TDDataModule), found {type(dm).__name__}")
-            dm.num_members = self.num_seeds  # [S, B, ...] batches, member k's from seed s + k
+        if hasattr(dm, "num_members"):  # set every time (as steps_per_batch): a reused data module follows this run
+            dm.num_members = self.num_seeds  # S > 1: [S, B, ...] batches, member k's from seed s + k
         if isinstance(dm, FusableData):
             dm.steps_per_batch = self._fused  # K batches per item, [K, B, ...]
         elif self._fused > 1:
