@@ -12,7 +12,7 @@ from torch import nn
 
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import ConfigError
-from idql_cm.nets.ensemble import MemberGenerators
+from idql_cm.nets.ensemble import MemberGenerators, member_mean
 
 
 def stacked(generator) -> bool:
@@ -29,7 +29,7 @@ def _randn(shape, like: torch.Tensor, generator) -> torch.Tensor:
 
 def batch_mean(x: torch.Tensor, generator) -> torch.Tensor:
     """The mean over the batch and the action dims: a scalar, or ``[S]`` per member for stacked draws."""
-    return x.mean(dim=tuple(range(1, x.ndim))) if stacked(generator) else x.mean()
+    return member_mean(x, len(generator.generators) if stacked(generator) else 1)
 
 
 def check_noise(noise: torch.Tensor | None, nfe: int, shape: tuple[int, int]) -> None:

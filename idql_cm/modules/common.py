@@ -26,9 +26,9 @@ from idql_cm.lightning_compat import (
     set_logging_step,
     trainer_of,
 )
-from idql_cm.modules.members import member_mean, stack_members
+from idql_cm.modules.members import stack_members
 from idql_cm.nets.ema import ema_update_
-from idql_cm.nets.ensemble import MemberGenerators
+from idql_cm.nets.ensemble import MemberGenerators, member_mean
 from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
 
 log = logging.getLogger(__name__)

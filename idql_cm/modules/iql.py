@@ -9,8 +9,8 @@ import torch
 
 from idql_cm.errors import ConfigError
 from idql_cm.modules.common import IDQLModule, cosine_or_constant, make_optimizer
-from idql_cm.modules.members import member_mean
 from idql_cm.nets.critics import TwinQ, ValueNet
+from idql_cm.nets.ensemble import member_mean
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float, num_members: int = 1) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from idql_cm.diffusion.edm import Preconditioned
@@ -51,14 +50,3 @@ def member_of(module: nn.Module, member: int) -> nn.Module:
         solo.net = member_of(net, member)
         return solo.train(module.training)
     return module
-
-
-def num_members_of(module: nn.Module) -> int:
-    """S of a stacked module (or of a wrapper around one); 1 for a solo module."""
-    net = module.net if isinstance(module, Preconditioned) else module
-    return int(net.num_members) if isinstance(net, Stacked) else 1
-
-
-def member_mean(x: torch.Tensor, num_members: int) -> torch.Tensor:
-    """The mean of a batch quantity: a scalar for one member, ``[S]`` (over every dim but the first) for S."""
-    return x.mean() if num_members == 1 else x.mean(dim=tuple(range(1, x.ndim)))

@@ -366,3 +366,8 @@ class StackedValueNet(Stacked):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.v(obs)
+
+
+def member_mean(x: torch.Tensor, num_members: int) -> torch.Tensor:
+    """The mean of a batch quantity: a scalar for one member, ``[S]`` (over every dim but the first) for S."""
+    return x.mean() if num_members == 1 else x.mean(dim=tuple(range(1, x.ndim)))
