@@ -6,9 +6,6 @@ member k as the two-rank solo run of seed s + k."""
 from __future__ import annotations
 
 import random
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from idql_cm.checkpoint import member_state
 from idql_cm.cli import main
 from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import run_cli_subprocess
-from tests.test_reliability import _all_finite, _assert_same_run, _config, _error_line, _load, _popen
+from tests.test_reliability import _all_finite, _config, _error_line, _load, kill_then_resume
 
 S, SEED = 3, 0  # the demo configs' seed_everything is 0
 
@@ -82,26 +79,8 @@ def test_sigkill_then_resume_of_an_ensemble_is_exact(dataset, tmp_path):
     ref_cfg = _config(tmp_path, "ref", "ct", dataset, steps=steps, every=1, model_args=args)
     run_cfg = _config(tmp_path, "run", "ct", dataset, steps=steps, every=1, model_args=args,
                       callbacks=[{"class_path": "tests.probes.StepReporter"}])
-    ref = _popen(["fit", "--config", ref_cfg], tmp_path / "ref.log")
-    victim = _popen(["fit", "--config", run_cfg], tmp_path / "run.log", stdout=subprocess.PIPE)
-    kill_step = rng.randint(3, steps - 10)
-    try:
-        for line in victim.stdout:
-            if line.startswith("@step ") and int(line.split()[1]) >= kill_step:
-                break
-        time.sleep(rng.uniform(0.0, 0.05))
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    finally:
-        victim.kill()
-    assert victim.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-2000:]
-    last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert 0 < last["global_step"] < steps and last["idql_cm"]["num_seeds"] == 2
-    resumed = run_cli_subprocess(["fit", "--config", str(run_cfg), "--ckpt_path", "last"], env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    _assert_same_run(_load(tmp_path / "ref" / "checkpoints" / "last.ckpt"),
-                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    last = kill_then_resume(tmp_path, ref_cfg, run_cfg, steps, rng)
+    assert last["idql_cm"]["num_seeds"] == 2 and _all_finite(last["state_dict"])
     # resuming with another member count is refused in one line
     wrong = run_cli_subprocess(["fit", "--config", str(run_cfg), "--ckpt_path", "last",
                                 "--model.init_args.num_seeds", "3"])

@@ -113,6 +113,34 @@ def _assert_same_run(a: dict, b: dict) -> None:
             assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), (i, key)
 
 
+def kill_then_resume(tmp_path: Path, ref_cfg: Path, run_cfg: Path, steps: int, rng: random.Random) -> dict:
+    """Run ``ref_cfg`` uninterrupted alongside ``run_cfg`` (which has a StepReporter), SIGKILL the latter at a random
+    point of a random step, resume it with ``--ckpt_path last`` and assert both end the same, exactly. Returns the
+    killed run's last checkpoint as it was after the kill."""
+    ref = _popen(["fit", "--config", ref_cfg], tmp_path / "ref.log")  # the uninterrupted run, alongside
+    victim = _popen(["fit", "--config", run_cfg], tmp_path / "run.log", stdout=subprocess.PIPE)
+    kill_step = rng.randint(3, steps - 10)
+    try:
+        for line in victim.stdout:
+            if line.startswith("@step ") and int(line.split()[1]) >= kill_step:
+                break
+        time.sleep(rng.uniform(0.0, 0.05))  # anywhere inside the next step: forward, backward, EMA or a save
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+    finally:
+        victim.kill()
+    assert victim.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-2000:]
+    last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")  # readable: never a truncated file
+    assert 0 < last["global_step"] < steps
+
+    resumed = run_cli_subprocess(["fit", "--config", str(run_cfg), "--ckpt_path", "last"], env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    _assert_same_run(_load(tmp_path / "ref" / "checkpoints" / "last.ckpt"),
+                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    return last
+
+
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
@@ -190,27 +218,8 @@ def test_sigkill_at_a_random_step_then_resume_is_exact(data, tmp_path):
     ref_cfg = _config(tmp_path, "ref", "edm", data["A"], steps=steps, every=1)
     run_cfg = _config(tmp_path, "run", "edm", data["A"], steps=steps, every=1,
                       callbacks=[{"class_path": "tests.probes.StepReporter"}])
-    ref = _popen(["fit", "--config", ref_cfg], tmp_path / "ref.log")  # the uninterrupted run, alongside
-    victim = _popen(["fit", "--config", run_cfg], tmp_path / "run.log", stdout=subprocess.PIPE)
-    kill_step = rng.randint(3, steps - 10)
-    try:
-        for line in victim.stdout:
-            if line.startswith("@step ") and int(line.split()[1]) >= kill_step:
-                break
-        time.sleep(rng.uniform(0.0, 0.05))  # anywhere inside the next step: forward, backward, EMA or a save
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=60)
-    finally:
-        victim.kill()
-    assert victim.returncode == -signal.SIGKILL, (tmp_path / "run.log").read_text()[-2000:]
-    last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")  # readable: never a truncated file
-    assert 0 < last["global_step"] < steps and _all_finite(last["state_dict"])
-
-    resumed = run_cli_subprocess(["fit", "--config", str(run_cfg), "--ckpt_path", "last"], env={"OMP_NUM_THREADS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    _assert_same_run(_load(tmp_path / "ref" / "checkpoints" / "last.ckpt"),
-                     _load(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    last = kill_then_resume(tmp_path, ref_cfg, run_cfg, steps, rng)
+    assert _all_finite(last["state_dict"])
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
 
