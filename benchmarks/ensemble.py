@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import gc
 import multiprocessing as mp
+import os
 import queue
 import statistics
 import time
@@ -67,6 +68,12 @@ TARGETS = {"cpu": {"iql": 2.0, "edm": 1.2, "ct": 1.2, "cd": 1.2}, "cuda": {k: 4.
 SIDES = ("ensemble", "solo")
 
 
+def _orphaned() -> bool:
+    """Whether this is a worker whose benchmark process has gone (killed, timed out): it then ends too."""
+    parent = mp.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
 class Turns:
     """A baton between the two sides (``ensemble``, ``solo``), each running its fits in its own process: a side
     computes only while it holds the baton and hands it over at the end of each timed block. A side that has
@@ -86,16 +93,21 @@ class Turns:
         i = SIDES.index(side)
         return self._state[0] == i or bool(self._state[2 - i])  # its turn, or the other side is done
 
+    def _wait_locked(self, side: str) -> None:
+        while not self._cond.wait_for(lambda: self._mine(side), timeout=5.0):
+            if _orphaned():
+                raise SystemExit(1)  # out of the fit and the lock; the worker's loop then exits
+
     def wait(self, side: str) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._mine(side))
+            self._wait_locked(side)
 
     def hand_over(self, side: str) -> None:
         """Give the baton to the other side and wait until it comes back."""
         with self._cond:
             self._state[0] = 1 - SIDES.index(side)
             self._cond.notify_all()
-            self._cond.wait_for(lambda: self._mine(side))
+            self._wait_locked(side)
 
     def finish(self, side: str) -> None:
         with self._cond:
@@ -173,7 +185,15 @@ def _side_worker(side: str, turns: Turns, tasks, results, path: str, cfg: dict[s
     quiet()
     dm = make_datamodule(path, cfg)  # num_seeds > 1 sets its data module's num_members: one per side
     S, seed = ens["members"], ens["seed"]
-    while (job := tasks.get()) is not None:
+    while True:
+        try:
+            job = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if _orphaned():
+                os._exit(1)
+            continue
+        if job is None:
+            return
         kind, teacher = job
         B, n = block_steps(kind, cfg, ens), ens["blocks_per_run"][kind]
         out, err = None, None
@@ -279,8 +299,8 @@ def bench_ensemble(cfg: dict[str, Any], ens: dict[str, Any], work: str, kinds=KI
             tasks[side].put(None)
         for p in procs:
             p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+            if p.is_alive():  # SIGKILL: inside a fit, Lightning's SIGTERM handler would only note the signal
+                p.kill()
                 p.join()
     res["machine"]["loadavg_end"] = loadavg()
     res["seconds"] = time.perf_counter() - t_start
