@@ -115,11 +115,12 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def _make_env(env_id: str):
-    import gymnasium as gym
     from gymnasium.spaces import Box
 
+    from idql_cm.data.envs import make_env
+
     try:
-        env = gym.make(env_id, max_episode_steps=EPISODE_STEPS)
+        env = make_env(env_id, max_episode_steps=EPISODE_STEPS)
     except Exception as exc:  # gymnasium raises NameNotFound, VersionNotFound, DependencyNotInstalled, ...
         raise ConfigError(
             f"--env {env_id!r}: expected a gymnasium MuJoCo id such as HalfCheetah-v5, Hopper-v5 or Walker2d-v5 "

@@ -78,14 +78,14 @@ def _check_env_id(env_id) -> None:
 
 
 def _make_one(env_id, max_episode_steps: int, render: bool, render_size: tuple[int, int]):
-    import gymnasium
+    from idql_cm.data.envs import make_env
 
     if callable(env_id):
         return env_id()
     kwargs: dict[str, Any] = {"max_episode_steps": max_episode_steps}
     if render:
         kwargs.update(render_mode="rgb_array", width=int(render_size[0]), height=int(render_size[1]))
-    return gymnasium.make(env_id, **kwargs)
+    return make_env(env_id, **kwargs)
 
 
 def make_vector_env(env_id: str | Callable, num_envs: int, vector_mode: str = "sync", max_episode_steps: int = 1000,
