@@ -14,22 +14,20 @@ from benchmarks.harness import ACT_DIM, ACTOR_KINDS, NFES, OBS_DIM, make_module,
 
 def random_actor_and_critic(kind: str, cfg: dict[str, Any]):
     """An actor of ``kind`` and a critic at the benchmark's net sizes, random weights (time, not quality)."""
-    from idql_cm.checkpoint import Actor, Critic
-    from idql_cm.diffusion.consistency import ConsistencyModel
-    from idql_cm.diffusion.edm import EDMDenoiser
+    from idql_cm.backbones import backbone
     from idql_cm.nets.critics import TwinQ, ValueNet
-    from idql_cm.nets.mlp import IDQLMlp
+    from idql_cm.policies import Actor, Critic
 
     torch.manual_seed(0)
     dev = torch.device(cfg.get("device", "cpu"))
-    # the module's own net (CT's Fourier scale differs); CD's net is its EDM teacher's
-    kw = make_module("ct" if kind == "ct" else "edm", cfg).default_net()
-    net = IDQLMlp(OBS_DIM, ACT_DIM, **kw)
-    model = EDMDenoiser(net) if kind == "edm" else ConsistencyModel(net)
-    model = model.eval().requires_grad_(False).to(dev)
+    spec = backbone(kind)
+    # the module's own net and method (CT's Fourier scale differs); a distilled backbone's net is its teacher's
+    module = make_module(spec.needs[0] if spec.needs else kind, cfg)
+    payload = {"kind": kind, "obs_dim": OBS_DIM, "act_dim": ACT_DIM, "env_id": "HalfCheetah-v5",
+               "net": module.default_net(), "method": dict(module.method)}
+    model = spec.rebuild(payload, None, f"random {kind}").eval().requires_grad_(False).to(dev)
     zeros, ones = torch.zeros(OBS_DIM, device=dev), torch.ones(OBS_DIM, device=dev)
-    actor = Actor(kind=kind, model=model, obs_mean=zeros, obs_std=ones, act_dim=ACT_DIM, env_id="HalfCheetah-v5",
-                  solver="euler")
+    actor = Actor.of_payload(spec, payload, model, zeros, ones, dev)
     h = cfg["iql_hidden"]
     critic = Critic(q_target=TwinQ(OBS_DIM, ACT_DIM, h).eval().requires_grad_(False).to(dev),
                     v=ValueNet(OBS_DIM, h).eval().requires_grad_(False).to(dev), obs_mean=zeros, obs_std=ones,

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from idql_cm.backbones import backbone, builtin_kinds
+
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("iql", "edm", "ct", "cd")
-ACTOR_KINDS = ("edm", "cd", "ct")
+ACTOR_KINDS = builtin_kinds()  # the package's backbones, in registry order
+KINDS = ("iql", *ACTOR_KINDS)
 NFES = (1, 2, 4)
 OBS_DIM, ACT_DIM = 17, 6  # HalfCheetah's sizes
 NOISY_SPREAD = 1.25  # max/min of the groups above which a training comparison is flagged "noisy"
@@ -188,18 +190,19 @@ def make_module(kind: str, cfg: dict[str, Any], teacher_ckpt: str | None = None,
                 fused: int = 1, **overrides: Any):
     """The module of ``kind`` at its own defaults, with the benchmark's net size; ``overrides``: constructor
     arguments (e.g. ``check_finite_every``)."""
-    from idql_cm.modules import CDModule, CTModule, EDMModule, IQLModule
+    import importlib
+
+    from idql_cm.modules import IQLModule
 
     kw = {"compile": compile, "fused_steps": fused, **overrides}
     if kind == "iql":
         return IQLModule(hidden_dim=cfg["iql_hidden"], **kw)
-    if kind == "edm":
-        return EDMModule(net=copy.deepcopy(cfg["net"]), **kw)
-    if kind == "ct":
-        return CTModule(net=copy.deepcopy(cfg["net"]), **kw)
-    if kind == "cd":
-        return CDModule(teacher_ckpt=teacher_ckpt, **kw)  # the net comes from the teacher checkpoint
-    raise ValueError(kind)
+    spec = backbone(kind)
+    module, _, name = spec.module.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if spec.needs:  # distilled: the net comes from the teacher checkpoint
+        return cls(teacher_ckpt=teacher_ckpt, **kw)
+    return cls(net=copy.deepcopy(cfg["net"]), **kw)
 
 
 def make_trainer(max_steps: int, cfg: dict[str, Any], log_dir: str | None, version: str, callbacks=(),

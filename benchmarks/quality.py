@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import yaml
 
+from idql_cm.backbones import backbone, builtin_kinds
 from idql_cm.fileio import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
-TOY_STAGES = ("edm", "ct", "cd")
-ME_STAGES = ("iql", "edm", "ct", "cd")
+TOY_STAGES = builtin_kinds()  # the package's backbones, a teacher before its student
+ME_STAGES = ("iql", *TOY_STAGES)
 EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
 #: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
 PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("ct", 4), ("cd", 4))
@@ -227,7 +228,7 @@ def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tu
 #: re-noising at the Karras levels (no retraining: these are sampling choices).
 SAMPLERS = {
     "edm": (("edm_euler", {"solver": "euler"}, (1, 2, 4)), ("edm_heun", {"solver": "heun"}, (1, 3)),
-            ("edm_euler_ref", {"solver": "euler", "sample_sigma_max": None, "sample_rho": None}, (1, 2, 4))),
+            ("edm_euler_ref", {"solver": "euler", "sigma_max": None, "rho": None}, (1, 2, 4))),
     "ct": (("ct", {}, (1, 2, 4)), ("ct_ref", {"train_grid": None}, (2, 4))),
     "cd": (("cd", {}, (1, 2, 4)), ("cd_ref", {"train_grid": None}, (2, 4))),
 }
@@ -235,7 +236,7 @@ SAMPLERS = {
 
 def toy_samples(ckpt: Path, toy, nfe: int, sampler: dict[str, Any], n: int, seed: int) -> list[np.ndarray]:
     """``n`` actions per condition from the checkpoint's EMA policy at ``nfe``, with ``sampler`` settings replacing
-    the checkpoint's (fields of ``idql_cm.checkpoint.Actor``)."""
+    the checkpoint's (the backbone sampler's options, ``idql_cm.policies.Actor.options``)."""
     import dataclasses
 
     import torch
@@ -243,7 +244,7 @@ def toy_samples(ckpt: Path, toy, nfe: int, sampler: dict[str, Any], n: int, seed
     from idql_cm import load_actor
 
     policy = load_actor(str(ckpt), device="cpu")
-    policy.actor = dataclasses.replace(policy.actor, **sampler)
+    policy.actor = dataclasses.replace(policy.actor, options={**policy.actor.options, **sampler})
     g = torch.Generator().manual_seed(seed)
     return [policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=nfe, generator=g).numpy() for c in range(toy.obs_dim)]
 
@@ -287,10 +288,11 @@ def plan_toys(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[lis
                 roots: dict[str, Path] = {}
                 for stage in TOY_STAGES:
                     ov = dict(overrides)
-                    if stage == "cd":
-                        ov["cd.model.init_args.teacher_ckpt"] = str(roots["edm"] / "checkpoints" / "last.ckpt")
+                    teachers = backbone(stage).needs
+                    for t in teachers:
+                        ov[f"{stage}.model.init_args.teacher_ckpt"] = str(roots[t] / "checkpoints" / "last.ckpt")
                     cfg = stage_config(stage, data, seed, ov, evaluate=False)
-                    deps = (jobs_name(roots["edm"]),) if stage == "cd" else ()
+                    deps = tuple(jobs_name(roots[t]) for t in teachers)
                     job, roots[stage] = fit_job(cfg, base, stage, deps)
                     jobs.setdefault(job.name, job)
                 plan.append((label, name, seed, roots))
@@ -307,7 +309,7 @@ def toy_results(args, plan: list[tuple], times: dict[str, float]) -> dict[str, d
         row: dict[str, Any] = {"truth": truth_floor(toy, args.samples, seed)}
         for stage in TOY_STAGES:
             ckpt = roots[stage] / "checkpoints" / "last.ckpt"
-            for key, sampler, nfes in SAMPLERS[stage]:
+            for key, sampler, nfes in SAMPLERS.get(stage, ((stage, {}, (1, 2, 4)),)):
                 row[key] = {}
                 for k in nfes:
                     samples = toy_samples(ckpt, toy, k, sampler, args.samples, seed)
@@ -345,9 +347,8 @@ def plan_me(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[
             ov = {"eval.episodes": args.me_episodes, "eval.num_envs": args.me_episodes, **overrides}
             for stage in ME_STAGES:
                 cfg = stage_config(stage, data, seed, ov, evaluate=True)
-                _point_at_partners(cfg, roots)
-                deps = tuple(jobs_name(roots[d]) for d in {"cd": ("edm", "iql"), "edm": ("iql",),
-                                                            "ct": ("iql",)}.get(stage, ()))
+                _point_at_partners(cfg, roots, stage)
+                deps = () if stage == "iql" else tuple(jobs_name(roots[d]) for d in (*backbone(stage).needs, "iql"))
                 job, roots[stage] = fit_job(cfg, base, stage, deps)
                 jobs.setdefault(job.name, job)
             plan.append((label, seed, data, roots))
@@ -360,7 +361,7 @@ def me_results(plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str
         row: dict[str, Any] = {"behaviour": behaviour_levels(data),
                                "seconds": {s: times.get(jobs_name(roots[s]), 0.0) for s in ME_STAGES},
                                "stages": {s: str(roots[s]) for s in ME_STAGES}}
-        for stage in ("edm", "ct", "cd"):
+        for stage in TOY_STAGES:
             rep = json.loads((roots[stage] / "eval_report.json").read_text())
             row[stage] = {str(r["nfe"]): {"score": r["normalized_score_mean"], "se": r["normalized_score_se"],
                                           "episodes": r["episodes"]} for r in rep["results"]}
@@ -368,13 +369,13 @@ def me_results(plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str
     return results
 
 
-def _point_at_partners(cfg: dict, roots: dict[str, Path]) -> None:
-    """The critic and teacher paths of a medium-expert stage: the IQL / EDM stages of this run."""
+def _point_at_partners(cfg: dict, roots: dict[str, Path], stage: str) -> None:
+    """The critic and teacher paths of a medium-expert stage: the IQL stage and the teacher stage of this run."""
     for cb in cfg["trainer"].get("callbacks", []):
         if cb.get("class_path") == EVAL_CLASS:
             cb["init_args"]["critic_ckpt"] = str(roots["iql"] / "checkpoints" / "last.ckpt")
-    if "teacher_ckpt" in cfg["model"].get("init_args", {}):
-        cfg["model"]["init_args"]["teacher_ckpt"] = str(roots["edm"] / "checkpoints" / "last.ckpt")
+    for t in backbone(stage).needs if stage != "iql" else ():
+        cfg["model"]["init_args"]["teacher_ckpt"] = str(roots[t] / "checkpoints" / "last.ckpt")
 
 
 def behaviour_levels(data: Path) -> dict[str, Any]:

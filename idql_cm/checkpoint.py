@@ -1,18 +1,18 @@
-"""The checkpoint format: a checkpoint alone rebuilds its policy or critic (torch only, no Lightning).
+"""The checkpoint format: what a checkpoint holds, how it is read and checked (torch only, no Lightning).
 
-``checkpoint["idql_cm"]`` (the *payload*, :func:`make_payload`) holds the format version, the kind (``iql``,
-``edm``, ``cd``, ``ct``), the observation / action sizes, the observation normaliser, the dataset's name,
-environment and size, the architecture hyper-parameters of the kind and the count of skipped non-finite steps;
-``checkpoint["state_dict"]`` holds the weights (actors are rebuilt from their EMA copy, ``ema_model.*``).
+``checkpoint["idql_cm"]`` (the *payload*, :func:`make_payload`) holds the format version, the kind (``iql`` for the
+critic, else a behaviour backbone's kind, :mod:`idql_cm.backbones`), the class path of the module that wrote it, the
+observation / action sizes, the observation normaliser, the dataset's name, environment and size, the architecture
+hyper-parameters of the kind and the count of skipped non-finite steps; ``checkpoint["state_dict"]`` holds the
+weights (actors are rebuilt from their EMA copy, ``ema_model.*``).
 
-This module reads and checks that format: :func:`read_checkpoint`, :func:`check_fits_data` (the one rule for "was
-this checkpoint trained on this data"), :func:`load_policy` / :func:`load_critic` and :func:`edm_from_payload`.
-The training modules (:mod:`idql_cm.modules`) write it.
+This module parses and validates: :func:`read_checkpoint`, :func:`check_fits_data` (the one rule for "was this
+checkpoint trained on this data"), :func:`pick_member`. The runtime policies built from a checkpoint live in
+:mod:`idql_cm.policies`; the training modules (:mod:`idql_cm.modules`) write the format.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import zipfile
@@ -22,21 +22,16 @@ from typing import Any
 
 import torch
 
-from idql_cm.diffusion.consistency import ConsistencyModel, cm_sample
-from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
-from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError
-from idql_cm.nets.critics import TwinQ, ValueNet
-from idql_cm.nets.ensemble import StackedIDQLMlp
-from idql_cm.nets.mlp import IDQLMlp
 
 #: Bumped whenever the checkpoint payload changes incompatibly; older payloads are refused.
 FORMAT_VERSION = 1
 
-ACTOR_KINDS = ("edm", "cd", "ct")
+#: the payload key naming the class path of the LightningModule that wrote a checkpoint
+MODULE_KEY = "module"
 
-# the constructor arguments of a consistency model among a behaviour payload's "method" (EDM adds P_mean, P_std)
-_CM_METHOD_KEYS = ("sigma_data", "sigma_min", "sigma_max", "rho", "x_min", "x_max")
+#: the critic's kind; every other kind is a behaviour backbone (:mod:`idql_cm.backbones`)
+CRITIC_KIND = "iql"
 
 
 # ------------------------------------------------------------------------------------------------- the payload
@@ -168,7 +163,8 @@ def pick_member(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], memb
     return state if held == 1 else member_state(state, member)
 
 
-def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:
+    """Load the entries of ``state`` under ``prefix`` into ``model``, or a one-line refusal naming ``where``."""
     try:
         model.load_state_dict(state_prefix(state, prefix))
     except RuntimeError as e:
@@ -176,161 +172,11 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], pre
                               f"({str(e).splitlines()[0][:160]})") from e
 
 
-def edm_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
-                     prefix: str = "ema_model.", where: str = "EDM checkpoint", num_members: int = 1) -> EDMDenoiser:
-    """The EDM denoiser an ``edm`` payload describes (network and method hyper-parameters), with the weights under
-    ``prefix`` of ``state`` (the EMA copy by default; ``state=None``: fresh weights). ``where`` starts the error.
-    ``num_members`` S > 1: the S-member denoiser of an S-member state (``[S, ...]`` weights)."""
-    dims = (payload["obs_dim"], payload["act_dim"])
-    net = IDQLMlp(*dims, **payload["net"]) if num_members == 1 else StackedIDQLMlp(num_members, *dims, **payload["net"])
-    model = EDMDenoiser(net, **payload["method"])
-    if state is not None:
-        _load_weights(model, state, prefix, where)
-    return model
-
-
-def _consistency_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                              where: str) -> ConsistencyModel:
-    method = payload["method"]
-    model = ConsistencyModel(IDQLMlp(payload["obs_dim"], payload["act_dim"], **payload["net"]),
-                             **{k: method[k] for k in _CM_METHOD_KEYS})
-    _load_weights(model, state, "ema_model.", where)
-    return model
-
-
-@dataclass
-class Actor:
-    """A behaviour policy ready to sample: raw observations in, clipped actions out."""
-
-    kind: str
-    model: torch.nn.Module
-    obs_mean: torch.Tensor
-    obs_std: torch.Tensor
-    act_dim: int
-    env_id: str | None = None
-    task: str | None = None
-    solver: str = "euler"
-    sample_sigma_max: float | None = None
-    sample_rho: float | None = None
-    train_grid: torch.Tensor | None = None  # consistency models: re-noise on these σ (see cm_sample)
-
-    @property
-    def obs_dim(self) -> int:
-        return int(self.obs_mean.numel())
-
-    @property
-    def device(self) -> torch.device:
-        return self.obs_mean.device
-
-    def data_facts(self) -> DataFacts:
-        return DataFacts(self.obs_dim, int(self.act_dim), self.obs_mean, self.obs_std, self.task)
-
-    @torch.inference_mode()
-    def sample(self, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
-        """``obs: [B, obs_dim]`` raw → ``act: [B, act_dim]`` with ``nfe`` network evaluations each; ``noise``: the
-        sampler's standard normals ``[nfe, B, act_dim]`` instead of draws from ``generator``."""
-        obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
-        if self.kind == "edm":
-            return edm_sample(self.model, obs_n, nfe, solver=self.solver, generator=generator,
-                              sigma_max=self.sample_sigma_max, rho=self.sample_rho, noise=noise)
-        return cm_sample(self.model, obs_n, nfe, generator=generator, noise=noise, train_grid=self.train_grid)
-
-
-@dataclass
-class Critic:
-    """The IQL critic at inference: ``advantage(obs, act) = min(Q_target) − V`` on raw observations."""
-
-    q_target: TwinQ
-    v: ValueNet
-    obs_mean: torch.Tensor
-    obs_std: torch.Tensor
-    act_dim: int
-    env_id: str | None = None
-    task: str | None = None
-
-    @property
-    def obs_dim(self) -> int:
-        return int(self.obs_mean.numel())
-
-    def data_facts(self) -> DataFacts:
-        return DataFacts(self.obs_dim, int(self.act_dim), self.obs_mean, self.obs_std, self.task)
-
-    @torch.inference_mode()
-    def advantage(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """``[B]`` float32, computed in fp32 even inside an autocast region (see IQLModule.loss_step: selection
-        ranks advantage differences that bf16 cannot represent at Q ≈ 90)."""
-        with torch.autocast(self.obs_mean.device.type, enabled=False):
-            obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
-            act = act.to(obs_n.device, torch.float32)
-            return (self.q_target(obs_n, act) - self.v(obs_n)).squeeze(-1)
-
-
-def sampling_options(meta: Mapping[str, Any], device=None) -> dict[str, Any]:
-    """How a checkpoint's policy samples, from its payload (one rule for ``load_policy`` and the training module's
-    ``eval_actor``): the EDM solver and start, and a consistency model's training grid when it re-noises on it."""
-    intervals = meta.get("train_intervals")
-    grid = None
-    if meta.get("renoise") == "train_grid" and intervals:
-        m = meta["method"]
-        grid = karras_sigmas(int(intervals), m["sigma_min"], m["sigma_max"], m["rho"], device=device)
-    edm = meta.get("kind") == "edm"
-    return {"solver": meta.get("solver", "euler") if edm else "euler",
-            "sample_sigma_max": meta.get("sample_sigma_max") if edm else None,
-            "sample_rho": meta.get("sample_rho") if edm else None, "train_grid": grid}
-
-
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _rng_neutral(load):
-    """Run a loader under ``torch.random.fork_rng``: rebuilding nets draws initial weights (then overwritten) from
-    torch's global generator, and a load must not move it. The CLI's preflight loads the critic after
-    ``seed_everything`` and before the module builds its nets; without this a solo run's initial weights depended on
-    whether (and which) critic the evaluation callback names, and member k of an ensemble (which builds under its own
-    ``manual_seed``) stopped matching the solo run of its seed."""
-    @functools.wraps(load)
-    def wrapped(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):  # the nets are built on the CPU, then moved
-            return load(*args, **kwargs)
-    return wrapped
-
-
-@_rng_neutral
-def load_policy(path: str, device=None, member: int | None = None) -> Actor:
-    """Rebuild the EMA behaviour policy of an EDM, CD or CT checkpoint (``member`` k of an S-member one)."""
-    ckpt = read_checkpoint(path, expect_kind=ACTOR_KINDS, what="actor checkpoint")
-    meta = ckpt["idql_cm"]
-    state = pick_member(meta, ckpt["state_dict"], member, "actor checkpoint", path)
-    where = f"actor checkpoint {path}"
-    if meta["kind"] == "edm":
-        model = edm_from_payload(meta, state, "ema_model.", where)
-    else:
-        model = _consistency_from_payload(meta, state, where)
-    dev = _device(device)
-    model = model.to(dev).eval().requires_grad_(False)
-    norm = meta["normalizer"]
-    return Actor(kind=meta["kind"], model=model, obs_mean=torch.tensor(norm["mean"], device=dev),
-                 obs_std=torch.tensor(norm["std"], device=dev), act_dim=int(meta["act_dim"]),
-                 env_id=meta.get("env_id"), task=meta.get("dataset"), **sampling_options(meta, dev))
-
-
-@_rng_neutral
-def load_critic(path: str, device=None, what: str = "critic checkpoint", member: int | None = None) -> Critic:
-    """Rebuild the target twin-Q and V of an IQL checkpoint (``what`` names where the path came from; ``member`` k of
-    an S-member one)."""
-    ckpt = read_checkpoint(path, expect_kind="iql", what=what)
-    meta = ckpt["idql_cm"]
-    state = pick_member(meta, ckpt["state_dict"], member, what, path)
-    q = TwinQ(meta["obs_dim"], meta["act_dim"], meta["hidden_dim"])
-    v = ValueNet(meta["obs_dim"], meta["hidden_dim"])
-    _load_weights(q, state, "q_target.", f"{what} {path}")
-    _load_weights(v, state, "v.", f"{what} {path}")
-    dev = _device(device)
-    norm = meta["normalizer"]
-    return Critic(q_target=q.to(dev).eval().requires_grad_(False), v=v.to(dev).eval().requires_grad_(False),
-                  obs_mean=torch.tensor(norm["mean"], device=dev), obs_std=torch.tensor(norm["std"], device=dev),
-                  act_dim=int(meta["act_dim"]), env_id=meta.get("env_id"), task=meta.get("dataset"))
+def read_actor_checkpoint(path: str, what: str = "actor checkpoint") -> dict[str, Any]:
+    """:func:`read_checkpoint` for a behaviour policy: any kind but the critic's (the backbone's spec is looked up
+    by whoever rebuilds it, :mod:`idql_cm.policies`)."""
+    ckpt = read_checkpoint(path, what=what)
+    if ckpt["idql_cm"].get("kind") == CRITIC_KIND:
+        raise CheckpointError(f"{what}: expected a behaviour-policy checkpoint (EDM, CD, CT or another backbone), "
+                              f"{path} is an '{CRITIC_KIND}' (critic) checkpoint")
+    return ckpt

@@ -309,12 +309,12 @@ def _substitute_root(node, root: str):
     return node
 
 
-def _kind_of(class_path: str) -> str | None:
-    name = class_path.rsplit(".", 1)[-1].lower()
-    for kind in ("iql", "edm", "cd", "ct"):
-        if name.startswith(kind):
-            return kind
-    return None
+def _kind_of(class_path: str) -> str:
+    """The ``kind`` a model class writes into its checkpoints (the class is imported, as LightningCLI does)."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name).kind
 
 
 def _aux_main(argv: list[str]) -> int:

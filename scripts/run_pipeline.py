@@ -29,10 +29,16 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("iql", "edm", "cd", "ct")
-ACTORS = ("edm", "cd", "ct")
+CRITIC = "iql"
 DEMO_DATA = "data/demo_halfcheetah.hdf5"
 EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
+
+
+def default_stages() -> tuple[str, ...]:
+    """The critic, then the package's backbones in registry order (a backbone's teacher stage comes first)."""
+    from idql_cm.backbones import builtin_kinds
+
+    return (CRITIC, *builtin_kinds())
 
 
 def log(msg: str) -> None:
@@ -65,7 +71,7 @@ def stage_config(base: Path, stage: str, root: Path, seed: int, overrides: dict[
     cfg["trainer"]["default_root_dir"] = str(root)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
-        if head in STAGES:  # stage-specific: iql.trainer.max_steps=...
+        if head in (CRITIC, stage) or head in default_stages():  # stage-specific: iql.trainer.max_steps=...
             if head != stage:
                 continue
             key, head, rest = rest, rest.partition(".")[0], rest.partition(".")[2]
@@ -110,7 +116,7 @@ def run_stage(i: int, n: int, stage: str, base: Path, out: Path, seed: int, over
     report = root / "eval_report.json"
     done_step = ckpt_step(last) if last.exists() else -1
     t0 = time.time()
-    if done_step >= max_steps and (stage not in ACTORS or report.exists()):
+    if done_step >= max_steps and (stage == CRITIC or report.exists()):
         log(f"[stage {i}/{n}] {stage.upper()}: finished earlier ({max_steps} steps), skipped")
         return {"stage": stage, "skipped": True, "seconds": 0.0}
     if done_step >= max_steps:
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train every stage as an S-member ensemble (num_seeds: S; seeds --seed .. --seed + S - 1)")
     ap.add_argument("--out", help="output folder (default results/<task>/seed<k>, results/<task>/seeds<k>x<S> for "
                                   "--seeds S > 1, or results/demo)")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of iql,edm,cd,ct")
+    ap.add_argument("--stages", default=",".join(default_stages()),
+                    help=f"comma-separated subset of {','.join(default_stages())}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = ap.parse_args(argv)
 
@@ -169,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ap.error("give --preset demo or --task TASK")
     if not cfg_dir.is_dir():
-        sys.exit(f"run_pipeline: error: no config folder {cfg_dir} (expected configs/<task>/{{iql,edm,cd,ct}}.yaml)")
+        sys.exit(f"run_pipeline: error: no config folder {cfg_dir} (expected configs/<task>/<stage>.yaml per stage)")
     out.mkdir(parents=True, exist_ok=True)
     stages = [s for s in args.stages.split(",") if s]
     t0 = time.time()

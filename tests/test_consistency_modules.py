@@ -76,19 +76,19 @@ def test_cd_single_ema_is_the_reference_layout(data_and_teacher, tmp_path):
 
 
 def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher, tmp_path):
-    """A CD checkpoint records its 18-interval grid and a CT one its last curriculum grid; ``load_policy`` and the
+    """A CD checkpoint records its 18-interval grid and a CT one its last curriculum grid; ``actor_from_checkpoint`` and the
     training module's ``eval_actor`` re-noise on it (``renoise: karras`` turns it off)."""
-    from idql_cm.checkpoint import load_policy
+    from idql_cm.policies import actor_from_checkpoint
 
     dataset, teacher = data_and_teacher
     cd = _fit("cd", tmp_path, dataset, 2, "cdg", teacher_ckpt=str(teacher))
     assert cd["idql_cm"]["renoise"] == "train_grid" and cd["idql_cm"]["train_intervals"] == 18
-    torch.testing.assert_close(load_policy(str(tmp_path / "cdg" / "checkpoints" / "last.ckpt"), "cpu").train_grid,
+    torch.testing.assert_close(actor_from_checkpoint(str(tmp_path / "cdg" / "checkpoints" / "last.ckpt"), "cpu").options["train_grid"],
                                karras_sigmas(18))
     ct = _fit("ct", tmp_path, dataset, 4, "ctg", **SMALL_NET, total_steps=4, s0=2, s1=8)
     # K' = ⌊4 / (log2(8/2) + 1)⌋ = 1, so the last update (k = 3) used N = min(2·2³, 8) = 8 intervals
     assert ct["idql_cm"]["train_intervals"] == 8
     off = _fit("cd", tmp_path, dataset, 1, "cdk", teacher_ckpt=str(teacher), renoise="karras")
-    assert load_policy(str(tmp_path / "cdk" / "checkpoints" / "last.ckpt"), "cpu").train_grid is None
+    assert actor_from_checkpoint(str(tmp_path / "cdk" / "checkpoints" / "last.ckpt"), "cpu").options["train_grid"] is None
     assert off["idql_cm"]["renoise"] == "karras"
 

@@ -145,14 +145,14 @@ def test_loading_a_checkpoint_leaves_torchs_generator_alone(runs):
     a load that drew from torch's generator made a solo run's initial weights depend on the critic (measured: the solo
     CT of seed 6 then differed from ensemble member 1 by 0.67 in a weight after 20 steps; with the load RNG-neutral,
     0.0)."""
-    from idql_cm.checkpoint import load_critic, load_policy
+    from idql_cm.policies import actor_from_checkpoint, critic_from_checkpoint
 
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
-    load_critic(str(runs["solo6"].parent / "iql" / "checkpoints" / "last.ckpt"), device="cpu")
-    load_policy(str(runs["solo6"] / "checkpoints" / "last.ckpt"), device="cpu")
-    load_critic(str(runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"), device="cpu", member=1)
+    critic_from_checkpoint(str(runs["solo6"].parent / "iql" / "checkpoints" / "last.ckpt"), device="cpu")
+    actor_from_checkpoint(str(runs["solo6"] / "checkpoints" / "last.ckpt"), device="cpu")
+    critic_from_checkpoint(str(runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"), device="cpu", member=1)
     assert torch.equal(torch.rand(4), expected)
 
 

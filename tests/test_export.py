@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from idql_cm import load_actor, load_agent, load_exported
-from idql_cm.checkpoint import load_policy
 from idql_cm.cli import main
 from idql_cm.data.synthetic import write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.eval.agent import sample_actions, select_candidates
 from idql_cm.export.exporter import TOLERANCE, export_agent
 from idql_cm.fileio import file_sha256
+from idql_cm.policies import actor_from_checkpoint
 from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
 
 OBS_DIM, ACT_DIM, N = 17, 6, 8
@@ -145,7 +145,7 @@ def test_given_noise_path_is_the_samplers_own_draws(ckpts):
     give the same actions, bit for bit (a change to ``Actor.sample`` not mirrored there fails here)."""
     obs = torch.randn(5, OBS_DIM, generator=torch.Generator().manual_seed(0))
     for kind in ("edm", "edm_heun", "cd", "ct"):
-        actor = load_policy(ckpts[kind], device="cpu")
+        actor = actor_from_checkpoint(ckpts[kind], device="cpu")
         for nfe in ((1, 3, 5) if kind == "edm_heun" else (1, 2, 4)):
             ref = actor.sample(obs, nfe, generator=torch.Generator().manual_seed(3))
             g = torch.Generator().manual_seed(3)

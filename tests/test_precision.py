@@ -31,8 +31,8 @@ def test_iql_under_bf16_mixed_matches_fp32(tmp_path):
 
 
 def test_advantage_is_fp32_under_autocast(tmp_path):
-    from idql_cm.checkpoint import Critic
     from idql_cm.nets.critics import TwinQ, ValueNet
+    from idql_cm.policies import Critic
 
     torch.manual_seed(0)
     critic = Critic(TwinQ(3, 2, 32).eval(), ValueNet(3, 32).eval(), torch.zeros(3), torch.ones(3), act_dim=2)

@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and the lower layers never import the package root or a layer above.
 
-Layers as in docs/architecture.md ("Layers, and who may import whom"): data, nets < diffusion < the checkpoint
-format (idql_cm.checkpoint) < modules < eval < cli. Top-level and function-level imports both count.
+Layers as in docs/design.md ("Layers"): data, nets < diffusion < the checkpoint format, the backbone registry and
+the runtime policies (idql_cm.checkpoint, backbones, policies) < modules < eval < cli. Top-level and function-level imports both count.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "idql_cm"
 # rank of each layer; a module may import only ranks <= its own (equal rank: inside its own layer).
 # lightning_compat is a leaf adapter over Lightning's private attributes (imports nothing of idql_cm but errors).
 RANK = {"_version": 0, "errors": 0, "fileio": 0, "lightning_compat": 0, "nets": 1, "data": 1, "diffusion": 2,
-        "checkpoint": 3, "modules": 4, "eval": 5, "export": 5, "cli": 6, "__main__": 6}
-CHECKED = ("eval", "data", "nets", "diffusion", "checkpoint", "fileio")
+        "checkpoint": 3, "backbones": 3, "policies": 3, "modules": 4, "eval": 5, "export": 5, "cli": 6, "__main__": 6}
+CHECKED = ("eval", "data", "nets", "diffusion", "checkpoint", "backbones", "policies", "fileio")
 
 # known exceptions (none now; an entry needs a comment saying why)
 ALLOWED: set[tuple[str, str]] = set()

@@ -137,7 +137,7 @@ def select_candidates(adv: torch.Tensor, temperature: float = 100.0, selection: 
 def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generator | None = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """``actor.sample(obs, nfe, generator)``, or with given sampler ``noise [nfe, B, act_dim]``
-    ``actor.sample(obs, nfe, noise=noise)`` (a checkpoint's policy, ``idql_cm.checkpoint.Actor``)."""
+    ``actor.sample(obs, nfe, noise=noise)`` (a checkpoint's policy, ``idql_cm.policies.Actor``)."""
     if noise is None:
         return actor.sample(obs, nfe, generator=generator)
     if getattr(actor, "model", None) is None:
@@ -149,7 +149,7 @@ def sample_actions(actor, obs: torch.Tensor, nfe: int, generator: torch.Generato
 class ActorPolicy:
     """The behaviour policy alone, NumPy-friendly: ``sample(obs, nfe)`` maps raw observations to actions in kind.
 
-    Wraps an ``Actor`` (``idql_cm.checkpoint``): attributes ``kind``, ``obs_dim``, ``act_dim``, ``env_id``,
+    Wraps an ``Actor`` (``idql_cm.policies``): attributes ``kind``, ``obs_dim``, ``act_dim``, ``env_id``,
     ``task`` and ``device`` are forwarded; ``actor`` is the wrapped object.
     """
 

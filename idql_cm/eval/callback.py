@@ -35,15 +35,16 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, num_members, read_checkpoint
+from idql_cm.checkpoint import DataFacts, check_fits_data, num_members, read_checkpoint
 from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, Rollout, evaluate
+from idql_cm.policies import critic_from_checkpoint
 
 
 class EvalActor(Protocol):
-    """What the callback reads of ``pl_module.eval_actor()`` (``idql_cm.checkpoint.Actor``): sizes, the data it
+    """What the callback reads of ``pl_module.eval_actor()`` (``idql_cm.policies.Actor``): sizes, the data it
     was trained on (``obs_mean`` may be None: nothing to compare), and ``sample``."""
 
     kind: str
@@ -57,7 +58,7 @@ class EvalActor(Protocol):
 
 
 class EvalCritic(Protocol):
-    """What the callback reads of a loaded critic (``idql_cm.checkpoint.Critic``) besides ``advantage``."""
+    """What the callback reads of a loaded critic (``idql_cm.policies.Critic``) besides ``advantage``."""
 
     act_dim: int
     task: str | None
@@ -305,7 +306,7 @@ class RolloutEvaluation(Callback):
 
     @staticmethod
     def _load_critic_from(path: str, device, member: int | None = None):
-        return load_critic(path, device=device, what="RolloutEvaluation.critic_ckpt", member=member)
+        return critic_from_checkpoint(path, device=device, what="RolloutEvaluation.critic_ckpt", member=member)
 
     def _critic_members(self) -> int:
         """How many members (num_seeds) ``critic_ckpt`` holds (read once per path)."""
@@ -317,7 +318,7 @@ class RolloutEvaluation(Callback):
 
     def _check_member_counts(self, members: int) -> None:
         """An S-member critic pairs critic k with actor k: it needs an actor of S members (a solo critic serves any)."""
-        if self.critic_ckpt is None or members == 1:  # a solo policy: load_critic refuses an S-member critic itself
+        if self.critic_ckpt is None or members == 1:  # a solo policy: critic_from_checkpoint refuses an S-member critic itself
             return
         held = self._critic_members()
         if held > 1 and held != members:

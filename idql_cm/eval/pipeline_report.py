@@ -14,11 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from idql_cm.backbones import registered
 from idql_cm.eval.report import combined_table, load_report_file, plot_scores, read_event_curves
 
-ACTORS = ("edm", "cd", "ct")
-CURVES = {"iql": r"^train/(q_loss|v_loss)$", "edm": r"^train/loss$", "cd": r"^train/loss$",
-          "ct": r"^train/unweighted_loss$"}
+CRITIC_CURVE = r"^train/(q_loss|v_loss)$"
+
+
+def _curves() -> dict[str, str]:
+    """The TensorBoard tags each stage plots as its training curve: the critic's, then each backbone's."""
+    return {"iql": CRITIC_CURVE, **{s.kind: s.loss_curve for s in registered()}}
 
 
 def dataset_level(source: str | None) -> dict[str, Any] | None:
@@ -59,12 +63,12 @@ def assemble(out: str | Path, dataset: str | None = None, timings: list[dict] | 
              total_seconds: float | None = None) -> str:
     out = Path(out)
     reports = []
-    for stage in ACTORS:
+    for stage in (s.kind for s in registered()):
         path = out / stage / "eval_report.json"
         if path.exists():
             reports += load_report_file(path)
     curves: dict[str, dict[str, list]] = {}
-    for stage, pattern in CURVES.items():
+    for stage, pattern in _curves().items():
         for tag, pts in read_event_curves(out / stage, pattern).items():
             curves.setdefault(f"{stage.upper()} training", {})[tag.split("/")[-1]] = pts
     level = dataset_level(dataset)

@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 
+from idql_cm.backbones import registered
 from idql_cm.errors import DataError
 from idql_cm.fileio import atomic_write
 
-BACKBONES = ("edm", "cd", "ct")
 _DATASET_ABBREV = {"medium-expert": "me", "medium-replay": "mr", "full-replay": "fr", "medium": "m", "expert": "e",
                    "random": "r"}
 
@@ -297,7 +297,7 @@ def combined_table(reports: Sequence[dict[str, Any]]) -> str:
     merged = []
     for rs in groups.values():
         merged += merge_seeds([[r] for r in rs]) if len(rs) > 1 else rs
-    columns = [b.upper() for b in BACKBONES]
+    columns = [s.kind.upper() for s in registered()]  # the registered backbones first, in their order
     for r in merged:
         if _column(r) not in columns:
             columns.append(_column(r))

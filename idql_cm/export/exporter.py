@@ -123,12 +123,13 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
     """The eager :class:`IDQLAgent` on the CPU, with the export's checks: ``--actor`` must be a behaviour policy
     and ``--critic`` an IQL critic of the same data (sizes and observation normaliser). ``member`` k of ensemble
     checkpoints (``num_seeds``): actor k with critic k (or a solo critic)."""
-    from idql_cm.checkpoint import DataFacts, check_fits_data, load_critic, load_policy, read_checkpoint
+    from idql_cm.checkpoint import DataFacts, check_fits_data, read_checkpoint
     from idql_cm.eval.agent import IDQLAgent
     from idql_cm.eval.api import critic_member
+    from idql_cm.policies import actor_from_checkpoint, critic_from_checkpoint
 
     try:
-        actor = load_policy(str(actor_ckpt), device="cpu", member=member)
+        actor = actor_from_checkpoint(str(actor_ckpt), device="cpu", member=member)
     except CheckpointError as e:
         raise CheckpointError(f"--actor: {e}".replace("pass member=k", "pass --member k")) from e
     critic = None
@@ -137,7 +138,7 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
         data = DataFacts(actor.obs_dim, actor.act_dim, actor.obs_mean, actor.obs_std, f"{actor.task} (the --actor's)")
         check_fits_data(DataFacts.of_payload(meta), data, "--critic", str(critic_ckpt))
         try:
-            critic = load_critic(str(critic_ckpt), device="cpu", what="--critic",
+            critic = critic_from_checkpoint(str(critic_ckpt), device="cpu", what="--critic",
                                  member=critic_member(str(critic_ckpt), member))
         except CheckpointError as e:
             raise CheckpointError(str(e).replace("pass member=k", "pass --member k")) from e
@@ -168,7 +169,7 @@ def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: st
         "action_low": low,
         "action_high": high,
         "nfe": int(nfe),
-        "solver": actor.solver if actor.kind == "edm" else "consistency",
+        "solver": actor.description,
         "candidates": n,
         "temperature": (agent.temperature if math.isfinite(agent.temperature) else "inf") if idql else None,
         "selection": agent.selection if idql else "none (behaviour policy alone)",

@@ -12,14 +12,12 @@ from typing import Any
 
 import torch
 
+from idql_cm.backbones import BackboneSpec, backbone, edm_from_payload
 from idql_cm.checkpoint import (
-    Actor,
     DataFacts,
     check_fits_data,
-    edm_from_payload,
     member_state,
     read_checkpoint,
-    sampling_options,
     state_prefix,
 )
 from idql_cm.diffusion.consistency import (
@@ -41,6 +39,7 @@ from idql_cm.modules.members import member_of
 from idql_cm.nets.ema import EMAWarmup
 from idql_cm.nets.ensemble import StackedIDQLMlp, bind_rng
 from idql_cm.nets.mlp import IDQLMlp
+from idql_cm.policies import Actor
 
 #: IDQLMlp defaults (the IDQL residual MLP, ~1.6M parameters on HalfCheetah).
 NET_DEFAULTS: dict[str, Any] = {"emb_dim": 64, "hidden_dim": 256, "n_blocks": 3, "expand": 4, "dropout": 0.1,
@@ -90,6 +89,11 @@ class BehaviourModule(IDQLModule):
                        "x_min": -float(action_bound), "x_max": float(action_bound)}
         self.model: torch.nn.Module | None = None
         self.ema_model: torch.nn.Module | None = None
+        self.spec()  # a module without a registered backbone spec is refused before any work
+
+    def spec(self) -> BackboneSpec:
+        """This module's backbone (:mod:`idql_cm.backbones`), found by its ``kind``."""
+        return backbone(self.kind, f"{type(self).__module__}.{type(self).__qualname__}", f"model: {type(self).__name__}")
 
     # subclasses: wrap a net into their model class and fill self.net_kw
     def wrap(self, net: torch.nn.Module) -> torch.nn.Module:  # pragma: no cover - abstract
@@ -136,7 +140,7 @@ class BehaviourModule(IDQLModule):
         """No-op: `idql-cm validate` runs the RolloutEvaluation callback once on a one-batch loader."""
 
     def eval_actor(self, member: int | None = None) -> Actor:
-        """The current EMA policy, sampling exactly as ``load_policy`` of this module's checkpoint would (member
+        """The current EMA policy, sampling exactly as ``actor_from_checkpoint`` of this module's checkpoint would (member
         ``member`` of an S-member module: a solo copy; required when S > 1)."""
         model = self.ema_model
         if self.num_seeds > 1:
@@ -144,9 +148,8 @@ class BehaviourModule(IDQLModule):
                 raise ValueError(f"{type(self).__name__}.eval_actor: expected a member in 0..{self.num_seeds - 1}, "
                                  f"found {member}")
             model = member_of(model, member).eval().requires_grad_(False)
-        return Actor(kind=self.kind, model=model, obs_mean=self.obs_mean, obs_std=self.obs_std,
-                     act_dim=int(self.act_dim), env_id=self.data_info.get("env_id"), task=self.data_info.get("dataset"),
-                     **sampling_options({"kind": self.kind, **self.payload()}, self.device))
+        payload = {"kind": self.kind, "act_dim": int(self.act_dim), **self.data_info, **self.payload()}
+        return Actor.of_payload(self.spec(), payload, model, self.obs_mean, self.obs_std, self.device)
 
     def bc_step(self, loss: torch.Tensor, **extra: torch.Tensor):
         self.watch_finite("loss", loss)
@@ -358,7 +361,7 @@ class CDModule(ConsistencyBehaviour):
             state = member_state(state, member)
         self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
         S = self.num_seeds
-        teacher = edm_from_payload(meta, state, "ema_model.", f"model.teacher_ckpt {self.teacher_ckpt}", S)
+        teacher = edm_from_payload(meta, state, f"model.teacher_ckpt {self.teacher_ckpt}", num_members=S)
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
         net = IDQLMlp(obs_dim, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, obs_dim, act_dim, **self.net_kw)
         if S > 1:

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from idql_cm.checkpoint import DataFacts, check_fits_data, check_payload, make_payload
+from idql_cm.checkpoint import MODULE_KEY, DataFacts, check_fits_data, check_payload, make_payload
 from idql_cm.data.datamodule import resolve_seed, step_seed
 from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
 from idql_cm.lightning_compat import (
@@ -252,8 +252,11 @@ class IDQLModule(pl.LightningModule):
                 f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
                 f"was not written, {self._last_good_checkpoint()} ({hint})")
         members = {"num_seeds": self.num_seeds, "seed": resolve_seed(None)} if self.num_seeds > 1 else {}
+        # the module's class path: a backbone defined outside the package is found again by importing it
+        module = {MODULE_KEY: f"{type(self).__module__}.{type(self).__qualname__}"}
         checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
-                                             self.data_info, {**self.payload(), **members}, self.skipped_steps)
+                                             self.data_info, {**module, **self.payload(), **members},
+                                             self.skipped_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = trainer_of(self)
