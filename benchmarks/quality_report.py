@@ -46,7 +46,7 @@ def toy_table(result: dict[str, Any]) -> str:
 
 
 def toy_targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """(target, met, measured) for the toy goals of targets.md."""
+    """(target, met, measured) for the project's toy goals (docs/quality.md)."""
     rows = toy_rows(result)
     out = []
     for toy in result.get("toys", {}):

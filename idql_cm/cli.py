@@ -185,7 +185,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             root = config.get("default_root_dir") or os.getcwd()
             if config.get("precision") is None:
                 # One config for both machines: bf16 autocast on CUDA, fp32 on CPU (bf16 is ~5x slower on
-                # CPUs without AVX-512 bf16, platform-notes). An explicit --trainer.precision wins.
+                # CPUs without AVX-512 bf16, docs/performance.md). An explicit --trainer.precision wins.
                 on_gpu = torch.cuda.is_available() and config.get("accelerator") in (None, "auto", "gpu", "cuda")
                 config["precision"] = "bf16-mixed" if on_gpu else "32-true"
             if torch.cuda.is_available():

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
 # Candidate-selection temperature T of softmax(T·advantage), per task: the reference pipeline's
-# configs (reference-spec §4; the tutorial's comment swaps medium / medium-replay for halfcheetah).
+# configs (docs/design.md; the tutorial's comment swaps medium / medium-replay for halfcheetah).
 TEMPERATURE = {
     ("halfcheetah", "medium-expert"): 10, ("halfcheetah", "medium"): 400, ("halfcheetah", "medium-replay"): 100,
     ("hopper", "medium-expert"): 5, ("hopper", "medium"): 50, ("hopper", "medium-replay"): 50,

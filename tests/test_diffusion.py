@@ -209,7 +209,7 @@ def test_cm_sampler_evaluation_count_and_renoise_levels(nfe, seen):
     assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
 
 
-# The 18-interval CD grid (reference-spec §2.4): NFE 4's Karras levels 17.53 and 0.170 are not on it, 2.515 is.
+# The 18-interval CD grid (docs/design.md): NFE 4's Karras levels 17.53 and 0.170 are not on it, 2.515 is.
 @pytest.mark.parametrize(
     "nfe, seen",
     [(1, [80.0]), (2, [80.0, 2.51522]), (3, [80.0, 9.7232, 0.46998]), (4, [80.0, 21.10868, 2.51522, 0.24238])],

@@ -24,7 +24,7 @@ Behaviours:
   An open-loop gait is fragile: white noise of std 0.1 already makes most HalfCheetah episodes stumble (returns
   ~500), so amplitude scaling, not large noise, fills the middle of the range.
 
-Output (the D4RL v2 layout, float32; see reference-spec §5.3): ``observations``, ``actions``, ``rewards``,
+Output (the D4RL v2 layout, float32; see docs/design.md): ``observations``, ``actions``, ``rewards``,
 ``terminals`` (the env's ``terminated``), ``timeouts`` (a time-limit or budget truncation, on the last row of such an
 episode), ``next_observations``, ``infos/qpos``, ``infos/qvel``, and ``metadata/*`` (``env_id``, ``behaviour``,
 ``seed``, ``episode_returns``, ``episode_lengths``, ``episode_amplitude`` / ``episode_noise`` (NaN = random

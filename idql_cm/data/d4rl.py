@@ -1,6 +1,6 @@
 """Readers for D4RL-layout HDF5 files (and, via :mod:`idql_cm.data.minari_source`, Minari datasets).
 
-:func:`load_d4rl` returns the transition dict of ``d4rl.qlearning_dataset`` (reference-spec §5.2), computed with
+:func:`load_d4rl` returns the transition dict of ``d4rl.qlearning_dataset`` (docs/design.md), computed with
 vectorised NumPy instead of D4RL's per-row Python loop:
 
 * rows ``i = 0 .. N-2`` (the last row of the file is always dropped);
@@ -321,7 +321,7 @@ def read_env_id(source: str | os.PathLike) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ reward scaling
 def iql_episode_returns(rewards: np.ndarray, terminals: np.ndarray, max_len: int = 1000) -> np.ndarray:
-    """Returns of the "episodes" of the IQL/CORL locomotion rule (reference-spec §5.1, ``return_reward_range``):
+    """Returns of the "episodes" of the IQL/CORL locomotion rule (docs/design.md, ``return_reward_range``):
     walking the rows in order, an episode ends at a terminal row or when its length reaches ``max_len``; a trailing
     unfinished episode is not counted. Vectorised; sums in float64 like the reference's Python floats."""
     rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)

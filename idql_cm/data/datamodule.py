@@ -4,7 +4,7 @@ The whole dataset sits on the device as one packed float32 tensor (obs, act, rew
 ``pack_columns``); a batch, or K batches at once for a fused step, is ``torch.randint`` indices plus one
 ``index_select`` of packed rows, viewed back as per-key columns (``column_views``): no host sync, no per-item
 ``__getitem__`` / collate, no worker processes.
-This replaces the reference's shuffled ``DataLoader`` + ``loop_dataloader`` (reference-spec §3.3): both draw
+This replaces the reference's shuffled ``DataLoader`` + ``loop_dataloader`` (docs/design.md): both draw
 uniform batches from the transitions; the reference draws without replacement within an epoch, this draws with
 replacement (the standard for TD learning: CORL, JAX-CORL).
 
@@ -178,7 +178,7 @@ class TDBatchIterable:
 
 
 class TDDataModule(L.LightningDataModule):
-    """Offline TD data for IQL / EDM / CD / CT training (reference-spec §5.1).
+    """Offline TD data for IQL / EDM / CD / CT training (docs/design.md).
 
     Observations and next observations are normalised with the dataset's population mean/std
     (:class:`ObsNormalizer`, also used at evaluation and stored in checkpoints); actions are kept raw (checked

@@ -1,4 +1,4 @@
-"""Observation normaliser (reference-spec §5.1: CleanDiffuser's ``GaussianNormalizer``).
+"""Observation normaliser (docs/design.md: CleanDiffuser's ``GaussianNormalizer``).
 
 Per-dimension mean and *population* standard deviation (``np.std``, ddof 0) of the dataset observations; a
 dimension whose std is 0 (a constant column) gets std 1; no epsilon. The same statistics normalise

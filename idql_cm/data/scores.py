@@ -1,4 +1,4 @@
-"""D4RL reference scores and task names (reference-spec §4).
+"""D4RL reference scores and task names (docs/design.md).
 
 ``normalized_score`` is ``100 * (R - ref_min) / (ref_max - ref_min)``: D4RL's ``get_normalized_score`` returns the
 fraction, papers and this project report it ×100. All v2 datasets of an environment share the same references.

@@ -5,7 +5,7 @@ the requested NFE in **one** batched actor call (``obs`` repeated ``N`` times �
 with **one** batched critic call (advantage = min target-Q − V, reshaped ``[B, N]``) and keeps one candidate per
 state:
 
-- ``selection="softmax"`` (CleanDiffuser's IDQL inference, reference-spec §4): sample one candidate from
+- ``selection="softmax"`` (CleanDiffuser's IDQL inference, docs/design.md): sample one candidate from
   ``softmax(T · adv)`` over the ``N`` candidates. ``T → ∞`` tends to the argmax, ``T = 0`` is uniform over the
   candidates (i.e. the behaviour policy itself).
 - ``selection="argmax"`` (original IDQL's ``eval_actions``): the candidate with the largest advantage.
@@ -189,7 +189,7 @@ class IDQLAgent:
         critic: an IQL critic (``obs_dim``, ``act_dim``, ``advantage(obs [B,O] raw, act [B,A]) -> [B]``), or
             ``None`` for the behaviour policy alone (one sample per state, no re-ranking).
         num_candidates: ``N``, candidates per state (256 in CleanDiffuser and the tutorial).
-        temperature: ``T`` of ``softmax(T · adv)``; task-specific in the reference (reference-spec §4).
+        temperature: ``T`` of ``softmax(T · adv)``; task-specific in the reference (docs/design.md).
         selection: ``"softmax"`` (sample from ``softmax(T · adv)``, the reference's) or ``"argmax"``
             (original IDQL's evaluation).
     """

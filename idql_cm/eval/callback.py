@@ -135,7 +135,7 @@ class RolloutEvaluation(Callback):
         num_envs: parallel environments (per rank).
         num_candidates: candidates per state (IDQL's N; 256 in the reference).
         temperature: softmax temperature T of ``softmax(T · advantage)`` (task-specific in the reference:
-            halfcheetah me 10 / m 400 / mr 100, see reference-spec §4).
+            halfcheetah me 10 / m 400 / mr 100, see docs/design.md).
         selection: ``"softmax"`` (sample from softmax(T · adv), the reference's) or ``"argmax"`` (original IDQL).
         every_n_steps: evaluate every this many optimiser steps during fit; 0 = only at the end of training.
         env_id: gymnasium id to evaluate in; ``None`` derives it from the policy's ``env_id`` / ``task`` (e.g. a

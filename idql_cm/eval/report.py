@@ -3,7 +3,7 @@
 Statistics. For one run, the spread of a result is the **standard error of the mean over episodes**:
 ``SE = s / √n`` with ``s`` the *sample* standard deviation (``ddof = 1``) of the ``n`` per-episode values, computed
 on the D4RL normalised ×100 scale (and, separately, on raw returns). This is the usual "mean ± standard error over
-episode seeds" of the CleanDiffuser tutorial / paper (whose code does not show the formula; reference-spec §4);
+episode seeds" of the CleanDiffuser tutorial / paper (whose code does not show the formula; docs/design.md);
 ``ddof = 1`` is the unbiased choice and is slightly larger than a population SE (×√(n/(n−1)), 0.3 % at n = 150).
 Episodes whose simulation went unstable (non-finite observations) are excluded from means and SEs and reported in
 ``unstable_episodes``. With fewer than two counted episodes the SE is ``None``.

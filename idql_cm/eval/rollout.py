@@ -326,7 +326,7 @@ def evaluate(agent_or_policy_fn, env_id: str | Callable, episodes: int = 10, num
             # Every step's reward counts, the terminating step's included, and nothing after it (the slot is
             # reset below before it is stepped again). The reference deliberately differs: it masks the terminal
             # step's reward with the already-updated done flag and, at t = 1000, adds one reward from the
-            # auto-reset episode of envs that ended early (reference-spec §4, §8 trap 17); we count what the
+            # auto-reset episode of envs that ended early (docs/design.md); we count what the
             # environment actually paid for the episode.
             ep_ret[active] += np.where(finite_rew, rew, 0.0)[active]
             ep_len[active] += 1

@@ -295,7 +295,7 @@ class CDModule(ConsistencyBehaviour):
         2000-step demo-size distillation put 0% of its NFE 1 samples on a mode (docs/quality.md), against 88% with
         the online target and a restarted evaluation EMA."""
         # The reference creates a cosine schedule for CD but never steps it, so its LR is constant
-        # (reference-spec §8.7): we default to that explicitly; `lr_schedule: cosine` is available.
+        # (docs/design.md): we default to that explicitly; `lr_schedule: cosine` is available.
         super().__init__(lr_schedule=lr_schedule, ema_warmup=ema_warmup, **kwargs)
         if solver not in ("euler", "heun"):
             raise ConfigError(f"model.solver: expected 'euler' or 'heun', found {solver!r}")

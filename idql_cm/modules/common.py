@@ -75,7 +75,7 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, num_member
     """Adam or AdamW; for ``num_members`` S > 1 (stacked ``[S, ...]`` parameters) :class:`MemberAdam`, which gives
     member k torch's Adam / AdamW update with its own step count (so one member's update can be skipped)."""
     # The reference trains its actors with AdamW at PyTorch's default weight decay 0.01 because it passes
-    # only {"lr": 3e-4} (reference-spec §8.6). Every shipped actor config sets optimizer and weight_decay
+    # only {"lr": 3e-4} (docs/design.md). Every shipped actor config sets optimizer and weight_decay
     # explicitly (tests/test_configs_smoke.py checks it): Adam without decay, as AdamW 0.01 measured no better.
     if name in ("adam", "adamw") and num_members > 1:
         return MemberAdam(params, num_members, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw")

@@ -52,7 +52,7 @@ class IQLModule(IDQLModule):
             raise ConfigError(f"model.expectile: expected a value in [0.5, 1), found {expectile}")
         self.hidden_dim, self.expectile, self.discount = hidden_dim, expectile, discount
         # target <- (1 - tau)·target + tau·online. The reference tutorial writes
-        # target <- 0.995·online + 0.005·target (reference-spec §3.3), an effective rate of 0.995:
+        # target <- 0.995·online + 0.005·target (docs/design.md), an effective rate of 0.995:
         # `target_update: reference` reproduces that for parity runs.
         self.tau = 0.995 if target_update == "reference" else tau
         self.lr, self.lr_schedule = lr, lr_schedule
