@@ -54,11 +54,12 @@ def bare_hparams(module) -> dict[str, Any]:
 
 def _edm_teacher(ckpt_path: str):
     """(frozen EDM teacher from the checkpoint's EMA weights, its payload, its state_dict) for the CD bare loop."""
-    from idql_cm.checkpoint import edm_from_payload, read_checkpoint
+    from idql_cm.backbones import edm_from_payload
+    from idql_cm.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(ckpt_path, expect_kind="edm")
     meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-    teacher = edm_from_payload(meta, state, "ema_model.", f"teacher {ckpt_path}")
+    teacher = edm_from_payload(meta, state, f"teacher {ckpt_path}")
     return teacher.requires_grad_(False).eval(), meta, state
 
 

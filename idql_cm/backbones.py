@@ -30,6 +30,7 @@ from torch import nn
 from idql_cm.checkpoint import MODULE_KEY, load_weights
 from idql_cm.diffusion.consistency import ConsistencyModel, cm_sample
 from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
+from idql_cm.diffusion.meanflow import H_FEATURES, MeanFlowModel, meanflow_sample
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.nets.ensemble import StackedIDQLMlp
@@ -223,3 +224,20 @@ CT = register_backbone(BackboneSpec(
     module="idql_cm.modules.behaviour.CTModule", rebuild=consistency_from_payload, sample=cm_sample,
     options=consistency_options, describe=lambda p: "consistency", config="ct.yaml",
     loss_curve=r"^train/unweighted_loss$"))
+
+
+
+def meanflow_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None,
+                          where: str) -> MeanFlowModel:
+    """The MeanFlow model a payload describes (its net sees the observation and the interval features)."""
+    net = IDQLMlp(payload["obs_dim"] + H_FEATURES, payload["act_dim"], **payload["net"])
+    model = MeanFlowModel(net, payload["method"]["x_min"], payload["method"]["x_max"])
+    if state is not None:
+        load_weights(model, state, "ema_model.", where)
+    return model
+
+
+MEANFLOW = register_backbone(BackboneSpec(
+    kind="meanflow", title="MeanFlow: average-velocity flow map, one step from noise (Geng et al. 2025)",
+    module="idql_cm.modules.behaviour.MeanFlowModule", rebuild=meanflow_from_payload, sample=meanflow_sample,
+    describe=lambda p: "meanflow", config="meanflow.yaml", loss_curve=r"^train/unweighted_loss$"))

@@ -125,11 +125,30 @@ model:
     ema_decay: 0.9999
     fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
 """,
+    "meanflow": """\
+model:
+  class_path: idql_cm.modules.MeanFlowModule
+  init_args:
+    net: {dropout: 0.1, hidden_dim: 256, n_blocks: 3}
+    fourier_scale: 4.0              # the time input is t in [0, 1] (EDM's 16 acts on 1/4 ln sigma)
+    flow_share: 0.75                # share of each batch with r = t (plain flow matching, the anchor); not yet
+                                    # measured on D4RL (OFQL uses 0.5)
+    P_mean: -0.4                    # (t, r) ~ logit-normal(-0.4, 1.0), the MeanFlow paper's
+    P_std: 1.0
+    adaptive_p: 1.0                 # loss weight 1 / (|err|^2 + c)^p, the paper's p = 1
+    lr: 3.0e-4
+    optimizer: adam
+    weight_decay: 0.0
+    lr_schedule: cosine
+    ema_decay: 0.9999
+    fused_steps: 8                  # updates per Trainer iteration: its per-iteration cost paid once per 8 (same training)
+""",
 }
 
 TITLES = {"iql": "IQL critic (twin Q, target Q, V)", "edm": "EDM behaviour policy (Karras et al. 2022)",
-          "cd": "Consistency distillation from the EDM stage", "ct": "Improved consistency training (iCT)"}
-STEPS = {"iql": 1_000_000, "edm": 1_000_000, "cd": 200_000, "ct": 1_000_000}
+          "cd": "Consistency distillation from the EDM stage", "ct": "Improved consistency training (iCT)",
+          "meanflow": "MeanFlow: a one-step average-velocity flow map (Geng et al. 2025)"}
+STEPS = {"iql": 1_000_000, "edm": 1_000_000, "cd": 200_000, "ct": 1_000_000, "meanflow": 1_000_000}
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Every shipped config trains through the real CLI: composed from configs/, shrunk to a few CPU steps,
-on a small synthetic D4RL-layout file of the task's shape (iql → edm → cd from that edm → ct)."""
+on a small synthetic D4RL-layout file of the task's shape (iql, then every registered backbone of the package in
+registry order: edm → cd from that edm → ct → meanflow)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from idql_cm.backbones import backbone, builtin_kinds
 from idql_cm.cli import main
 from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
 
 SHAPES = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
 TASK_DIRS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "demo")
+STAGES = ("iql", *builtin_kinds())
 
 
-def test_every_task_has_four_configs():
+def test_every_task_and_the_demo_have_a_config_per_stage():
     assert len(TASK_DIRS) == 9
-    for task in TASK_DIRS:
-        assert sorted(p.name for p in (CONFIGS / task).glob("*.yaml")) == ["cd.yaml", "ct.yaml", "edm.yaml", "iql.yaml"]
+    expected = sorted(["iql.yaml", *(backbone(k).config for k in builtin_kinds())])
+    for folder in [*TASK_DIRS, "demo"]:
+        assert sorted(p.name for p in (CONFIGS / folder).glob("*.yaml")) == expected, folder
 
 
 def _train_all_stages(cfg_dir: Path, tmp: Path, dataset: str, steps: int = 2) -> Path:
     out = tmp / "run"
-    for stage in ("iql", "edm", "cd", "ct"):
+    for stage in STAGES:
         cfg = shrink_config(cfg_dir / f"{stage}.yaml", tmp / f"{stage}.yaml", out / stage, dataset, steps=steps)
         assert main(["fit", "--config", str(cfg)]) == 0, f"{cfg_dir.name}/{stage}.yaml failed"
         ckpt = torch.load(out / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

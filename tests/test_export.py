@@ -40,7 +40,8 @@ def ckpts(tmp_path_factory) -> dict[str, str]:
     other = write_d4rl_file(tmp / "b.hdf5", n_episodes=2, episode_len=40, obs_dim=OBS_DIM, act_dim=ACT_DIM, seed=1)
     small = write_d4rl_file(tmp / "c.hdf5", n_episodes=2, episode_len=40, obs_dim=11, act_dim=3)
     runs = {"iql": ("iql", data, None), "edm": ("edm", data, None), "edm_heun": ("edm", data, {"eval_solver": "heun"}),
-            "cd": ("cd", data, None), "ct": ("ct", data, None), "iql_other": ("iql", other, None),
+            "cd": ("cd", data, None), "ct": ("ct", data, None), "meanflow": ("meanflow", data, None),
+            "iql_other": ("iql", other, None),
             "iql_small": ("iql", small, None)}
     out = {}
     for name, (stage, dataset, model_args) in runs.items():
@@ -78,7 +79,7 @@ def _nothing_written(folder: Path, name: str) -> None:
 # ------------------------------------------------------------------------------------------------------ parity
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("nfe", [1, 2, 4])
-@pytest.mark.parametrize("kind", ["edm", "cd", "ct"])
+@pytest.mark.parametrize("kind", ["edm", "cd", "ct", "meanflow"])
 def test_exported_agent_matches_load_agent(ckpts, tmp_path, kind, nfe, fmt):
     out = tmp_path / f"{kind}{nfe}.{'onnx' if fmt == 'onnx' else 'pt'}"
     res = export_agent(ckpts[kind], ckpts["iql"], str(out), nfe=nfe, candidates=N, temperature=10.0)
@@ -144,7 +145,7 @@ def test_given_noise_path_is_the_samplers_own_draws(ckpts):
     """``sample_actions`` with noise repeats ``Actor.sample``: drawing the same normals in the sampler's order must
     give the same actions, bit for bit (a change to ``Actor.sample`` not mirrored there fails here)."""
     obs = torch.randn(5, OBS_DIM, generator=torch.Generator().manual_seed(0))
-    for kind in ("edm", "edm_heun", "cd", "ct"):
+    for kind in ("edm", "edm_heun", "cd", "ct", "meanflow"):
         actor = actor_from_checkpoint(ckpts[kind], device="cpu")
         for nfe in ((1, 3, 5) if kind == "edm_heun" else (1, 2, 4)):
             ref = actor.sample(obs, nfe, generator=torch.Generator().manual_seed(3))

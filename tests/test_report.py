@@ -113,9 +113,14 @@ def test_combined_table_rows_nfe_columns_backbones():
     assert "| HalfCheetah-me | 1 | 44.1±0.1 | 46.0±0.1 | 44.6±0.1 |" in lines
     assert "|  | 2 | 93.2±0.1 | 73.3±0.1 | 38.6±0.1 |" in lines
     assert "|  | 4 | 92.8±0.1 | 58.6±0.1 | 37.7±0.1 |" in lines
-    # a missing backbone shows a dash; two seeds of the same run are merged
+    # columns: the backbones present, registry order first; two seeds of the same run are merged
     two = combined_table([make_report("ct", (50.0, 52.0, 54.0)), make_report("ct", (54.0, 52.0, 56.0))])
-    assert "| HalfCheetah-m | 1 | — | — | 52.0±2.0 |" in two and "2 training seeds" in two
+    assert "| HalfCheetah-m | 1 | 52.0±2.0 |" in two and "2 training seeds" in two
+    # a backbone missing on one task shows a dash there
+    mixed = combined_table([make_report("ct", (50.0, 52.0, 54.0)), make_report("meanflow", (1.0, 2.0, 3.0)),
+                            make_report("edm", (9.0, 9.0, 9.0), "halfcheetah-medium-expert-v2")])
+    assert mixed.splitlines()[0] == "| Environment | NFE | EDM (1M) | CT (1M) | MEANFLOW (1M) |"
+    assert "| HalfCheetah-m | 1 | — | 50.0±0.1 | 1.0±0.1 |" in mixed
 
 
 def test_short_task_labels():

@@ -297,7 +297,8 @@ def combined_table(reports: Sequence[dict[str, Any]]) -> str:
     merged = []
     for rs in groups.values():
         merged += merge_seeds([[r] for r in rs]) if len(rs) > 1 else rs
-    columns = [s.kind.upper() for s in registered()]  # the registered backbones first, in their order
+    present = {_column(r) for r in merged}
+    columns = [c for c in (s.kind.upper() for s in registered()) if c in present]  # registry order first
     for r in merged:
         if _column(r) not in columns:
             columns.append(_column(r))

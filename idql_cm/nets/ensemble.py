@@ -75,6 +75,12 @@ class MemberGenerators:
             torch.randn(tuple(shape), generator=g, dtype=dtype, device=self.device, out=out[k])
         return out
 
+    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty((len(self), *shape), dtype=dtype, device=self.device)
+        for k, g in enumerate(self.generators):
+            torch.rand(tuple(shape), generator=g, dtype=dtype, device=self.device, out=out[k])
+        return out
+
     def randint(self, high: int, shape: Sequence[int]) -> torch.Tensor:
         return torch.stack([torch.randint(high, tuple(shape), generator=g, device=self.device)
                             for g in self.generators])
