@@ -149,7 +149,7 @@ def test_report_command_merges_seed_directories(tmp_path, capsys):
                               "--out", str(tmp_path / "summary")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "| HalfCheetah-m | 1 | 40.0±0.0 | — | 52.0±2.0 |" in out
+    assert "| HalfCheetah-m | 1 | 40.0±0.0 | 52.0±2.0 |" in out
     assert (tmp_path / "summary" / "scores.png").read_bytes()[:4] == b"\x89PNG"
     combined = json.loads((tmp_path / "summary" / "combined_report.json").read_text())
     assert {r["backbone"]: r["seeds"] for r in combined["reports"]} == {"ct": 2, "edm": 2}
