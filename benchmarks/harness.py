@@ -28,16 +28,16 @@ FULL: dict[str, Any] = {
     "train_rows": 1_000_000,
     "batch_size": 256,
     # multiples of fused_steps, as every period counted in steps must be (see IDQLModule.fused_steps)
-    "warmup_steps": {"iql": 24, "edm": 16, "ct": 16, "cd": 16},
+    "warmup_steps": {"iql": 24, "edm": 16, "ct": 16, "cd": 16, "meanflow": 16},
     # Training is timed in alternating blocks inside one fit: `block_steps` bare-loop steps, then `block_steps`
     # Lightning steps, and so on. Consecutive blocks are summed into groups of log_every_n_steps steps a side, so each
     # group holds exactly one logging step; `groups` of them per module and setting.
     "block_steps": 40,
-    "groups": {"iql": 8, "edm": 4, "ct": 3, "cd": 3},
+    "groups": {"iql": 8, "edm": 4, "ct": 3, "cd": 3, "meanflow": 3},
     # the shipped configs' model.fused_steps (updates per Trainer iteration); also timed with 1
     "fused_steps": 8,
     # diagnostics (--ablate, --profile) time whole runs of this many steps
-    "timed_steps": {"iql": 400, "edm": 200, "ct": 200, "cd": 200},
+    "timed_steps": {"iql": 400, "edm": 200, "ct": 200, "cd": 200, "meanflow": 200},
     "rounds": 6,
     "log_every_n_steps": 200,
     "net": None,          # the module defaults (IDQLMlp 256 x 3 blocks x4, ~1.6M parameters)

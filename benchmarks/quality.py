@@ -46,7 +46,8 @@ TOY_STAGES = builtin_kinds()  # the package's backbones, a teacher before its st
 ME_STAGES = ("iql", *TOY_STAGES)
 EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
 #: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
-PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("ct", 4), ("cd", 4))
+PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("meanflow", 1), ("ct", 4), ("cd", 4),
+           ("meanflow", 4))
 SAMPLES: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
 STALE_CODE_OK = False  # --stale-code-ok: reuse stages trained by other code (exploration only)
 PROGRESS_CLASS = "idql_cm.modules.callbacks.StepProgressBar"

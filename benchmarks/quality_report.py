@@ -6,10 +6,11 @@ from typing import Any
 
 import numpy as np
 
-BACKBONES = (("edm_euler", "EDM Euler"), ("edm_heun", "EDM Heun"), ("ct", "CT"), ("cd", "CD"),
+BACKBONES = (("edm_euler", "EDM Euler"), ("edm_heun", "EDM Heun"), ("ct", "CT"), ("cd", "CD"), ("meanflow", "MeanFlow"),
              ("edm_euler_ref", "EDM Euler, reference sampler (80, ρ 7)"),
              ("ct_ref", "CT, reference re-noising"), ("cd_ref", "CD, reference re-noising"))
 TARGET_PRECISION, TARGET_SHARE = 0.90, 0.5
+ONE_STEP = (("ct", "CT"), ("cd", "CD"), ("meanflow", "MeanFlow"))  # the backbones meant to work at NFE 1
 
 
 def _mean(values: list[float]) -> float:
@@ -53,7 +54,7 @@ def toy_targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
         def get(key, nfe, rows=rows, toy=toy):
             return next((r for r in rows if r["toy"] == toy and r.get("key") == key and r["nfe"] == nfe), None)
 
-        for key, label in (("ct", "CT"), ("cd", "CD")):
+        for key, label in ONE_STEP:
             r = get(key, 1)
             if r:
                 ok = r["precision"] >= TARGET_PRECISION and r["min_share_ratio"] >= TARGET_SHARE
@@ -64,7 +65,7 @@ def toy_targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
             best = max(edm, key=lambda r: r["precision"])
             out.append((f"{toy}: EDM best NFE ≤ 4 precision ≥ 0.90", best["precision"] >= TARGET_PRECISION,
                         f"{best['precision']:.3f} ({best['backbone']} NFE {best['nfe']})"))
-        for key, label in (("edm_euler", "EDM Euler"), ("ct", "CT"), ("cd", "CD")):
+        for key, label in (("edm_euler", "EDM Euler"), *ONE_STEP):
             r2, r4 = get(key, 2), get(key, 4)
             if r2 and r4:
                 # 0.005 is about one standard error of a precision over 6,000 samples (sqrt(0.9 * 0.1 / 6000) = 0.004).
@@ -77,15 +78,18 @@ def me_table(result: dict[str, Any]) -> str:
     me = result.get("medium_expert")
     if not me:
         return ""
-    lines = ["| seed | NFE | EDM | CT | CD |", "| --- | ---: | ---: | ---: | ---: |"]
+    stages = [s for s in ("edm", "ct", "cd", "meanflow") if any(s in r for r in me.values())]
+    lines = ["| seed | NFE | " + " | ".join(s.upper() if s != "meanflow" else "MeanFlow" for s in stages) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in stages) + " |"]
     for seed, r in me.items():
         for nfe in ("1", "2", "4"):
             cells = [f"{r[s][nfe]['score']:.1f}±{r[s][nfe]['se']:.1f}" if nfe in r.get(s, {}) else "—"
-                     for s in ("edm", "ct", "cd")]
+                     for s in stages]
             lines.append(f"| {seed} | {nfe} | " + " | ".join(cells) + " |")
         b = r["behaviour"]
         lines.append(f"| {seed} | behaviour | expert {b['expert']['score']:.1f}±{b['expert']['se']:.1f} | medium "
-                     f"{b['medium']['score']:.1f}±{b['medium']['se']:.1f} | dataset {b['dataset']['score']:.1f} |")
+                     f"{b['medium']['score']:.1f}±{b['medium']['se']:.1f} | dataset {b['dataset']['score']:.1f} |"
+                     + " |" * (len(stages) - 3))
     return "\n".join(lines)
 
 
@@ -93,7 +97,7 @@ def me_targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     out = []
     for seed, r in result.get("medium_expert", {}).items():
         edm_best = max(r["edm"][n]["score"] for n in r["edm"])
-        one_step = max(r[s]["1"]["score"] for s in ("ct", "cd"))
+        one_step = max(r[s]["1"]["score"] for s in ("ct", "cd") if s in r)
         expert = r["behaviour"]["expert"]["score"]
         out.append((f"medium-expert seed {seed}: CT or CD NFE 1 ≥ EDM's best NFE ≤ 4", one_step >= edm_best,
                     f"{one_step:.1f} vs {edm_best:.1f}"))
@@ -114,7 +118,7 @@ def summary(result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-PANEL_TITLES = {"edm_euler": "EDM Euler", "edm_heun": "EDM Heun", "ct": "CT", "cd": "CD"}
+PANEL_TITLES = {"edm_euler": "EDM Euler", "edm_heun": "EDM Heun", "ct": "CT", "cd": "CD", "meanflow": "MeanFlow"}
 
 
 def plot_toys(samples: dict[str, dict[str, list[np.ndarray]]], path, n: int, seed: int) -> None:

@@ -10,7 +10,8 @@ to the package, and every command works with it because the three pieces below s
 1. the model (a module whose parameters all live in ``self.net``, with ``act_dim``, ``x_min`` and ``x_max``:
    then ``num_seeds: S`` stacks it like the built-in backbones);
 2. its LightningModule (``BehaviourModule`` brings the EMA, optimiser, checkpoint payload, seeding, ensembles and
-   the non-finite guard; you give ``kind``, ``wrap`` and ``loss_step``);
+   the non-finite guard and logging; you give ``kind``, ``wrap`` and ``loss``, a plain function of the batch, the
+   step and the generator that the Trainer's step, the bare benchmark loop and tests call alike);
 3. a ``BackboneSpec`` at module level: how to rebuild the model from a checkpoint and how to sample it.
 
 A checkpoint records this module's class path; loading it later (``idql_cm.load_actor``, ``idql-cm export``,
@@ -86,9 +87,10 @@ class GaussianBC(BehaviourModule):
     def payload(self) -> dict[str, Any]:
         return {**super().payload(), "std": self.std}
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor], step: int, generator=None, stats: bool = False):
+        """(loss, named scalars to log): no noise is drawn, so ``step`` and ``generator`` are unused."""
         err = (self.model.mean(batch["obs"]) - batch["act"]).pow(2).sum(-1)  # [B], or [S, B] with num_seeds: S
-        return self.bc_step(self.reduce(err))  # a scalar, or one loss per member
+        return self.reduce(err), {}  # a scalar, or one loss per member
 
 
 def rebuild(payload: dict[str, Any], state: dict[str, torch.Tensor] | None, where: str) -> GaussianPolicy:

@@ -263,8 +263,8 @@ def _mish_symbolic(g, x):
     clamp keeps eˣ from overflowing.
 
     The exporter's own lowering, ``x · Tanh(Softplus(x))``, is exact too, but onnxruntime's CPU Softplus kernel is
-    not vectorised: 3.0 ms per 256 × 1024 activations against 0.24 ms for this form (one thread); it took two thirds
-    of a 256-candidate decision. Same values within 4e-7 (relative) of ``torch.nn.functional.mish``.
+    not vectorised, and it took most of a 256-candidate decision (docs/performance.md). Same values within 4e-7
+    (relative) of ``torch.nn.functional.mish``.
     """
     two = g.op("Constant", value_t=torch.tensor(2.0))
     e = g.op("Exp", g.op("Min", x, g.op("Constant", value_t=torch.tensor(20.0))))

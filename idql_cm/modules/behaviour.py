@@ -125,11 +125,13 @@ class BehaviourModule(IDQLModule):
         """The EMA rate of update ``step`` (0-based): with the warm-up, 0 at update 0 (the EMA copies the weights)."""
         return self.ema.decay(step) if self.ema is not None else self.ema_decay
 
+    def update_targets(self, step: int) -> None:
+        self.ema_(self.ema_model, self.model, self.ema_decay_at(step))
+
     def after_optimizer_step(self, step: int) -> None:
-        decay = self.ema_decay_at(step)
-        self.ema_(self.ema_model, self.model, decay)
+        super().after_optimizer_step(step)
         if self.should_log():
-            self.log_scalar("train/ema_decay", decay)
+            self.log_scalar("train/ema_decay", self.ema_decay_at(step))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -152,14 +154,6 @@ class BehaviourModule(IDQLModule):
         payload = {"kind": self.kind, "act_dim": int(self.act_dim), **self.data_info, **self.payload()}
         return Actor.of_payload(self.spec(), payload, model, self.obs_mean, self.obs_std, self.device)
 
-    def bc_step(self, loss: torch.Tensor, **extra: torch.Tensor):
-        self.watch_finite("loss", loss)
-        if self.should_log():
-            # sync_dist: with DDP the logged value is the mean over ranks (an all-reduce on log steps only)
-            self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
-            for k, v in extra.items():
-                self.log_scalar(f"train/{k}", v, sync_dist=True)
-        return loss
 
 
 class EDMModule(BehaviourModule):
@@ -197,8 +191,8 @@ class EDMModule(BehaviourModule):
         return {**super().payload(), "solver": self.eval_solver, "sample_sigma_max": self.sample_sigma_max,
                 "sample_rho": self.sample_rho}
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bc_step(self.model.loss(batch["act"], batch["obs"], generator=self.member_generator()))
+    def loss(self, batch, step, generator=None, stats=False):
+        return self.model.loss(batch["act"], batch["obs"], generator=generator), {}
 
 
 class ConsistencyBehaviour(BehaviourModule):
@@ -259,13 +253,16 @@ class CTModule(ConsistencyBehaviour):
             self._grid = (n, sig, lognormal_index_probs(sig, self.P_mean, self.P_std))
         return self._grid
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        n, sigmas, probs = self.curriculum(self.global_step)
+    def loss(self, batch, step, generator=None, stats=False):
+        n, sigmas, probs = self.curriculum(step)
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c,
-                                   generator=self.member_generator(), clip_student=self.clip_student)
-        out = self.bc_step(loss, unweighted_loss=unweighted)
+                                   generator=generator, clip_student=self.clip_student)
+        return loss, {"unweighted_loss": unweighted}
+
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = super().loss_step(batch)
         if self.should_log():
-            self.log_scalar("train/curriculum_N", float(n))
+            self.log_scalar("train/curriculum_N", float(self.curriculum(self.global_step)[0]))
         return out
 
 
@@ -390,8 +387,8 @@ class CDModule(ConsistencyBehaviour):
     def target(self) -> torch.nn.Module:
         return self.ema_model if self.target_model is None else self.target_model
 
-    def after_optimizer_step(self, step: int) -> None:
-        super().after_optimizer_step(step)
+    def update_targets(self, step: int) -> None:
+        super().update_targets(step)
         if self.target_model is not None:
             self.ema_(self.target_model, self.model, self.target_ema)
 
@@ -408,15 +405,14 @@ class CDModule(ConsistencyBehaviour):
             raise CheckpointError(f"resuming CD with teacher {self.teacher_ckpt} (sha256 {self.teacher_sha256[:12]}), "
                                   f"but the checkpoint was distilled from sha256 {saved[:12]}")
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.teacher.to(self.device)
+    def frozen_nets(self) -> list[torch.nn.Module]:
+        return [self.teacher]
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, batch, step, generator=None, stats=False):
         loss = cd_loss(self.model, self.target(), self.teacher, batch["act"], batch["obs"], self.distill_sigmas,
-                       solver=self.solver, generator=self.member_generator(), weighting=self.weighting,
+                       solver=self.solver, generator=generator, weighting=self.weighting,
                        clip_student=self.clip_student)
-        return self.bc_step(loss)
+        return loss, {}
 
 
 
@@ -464,7 +460,7 @@ class MeanFlowModule(BehaviourModule):
     def payload(self):
         return {**super().payload(), "flow_share": self.flow_share}
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss, unweighted = meanflow_loss(self.model, batch["act"], batch["obs"], self.member_generator(),
-                                         self.flow_share, self.P_mean, self.P_std, self.adaptive_p, self.adaptive_c)
-        return self.bc_step(loss, unweighted_loss=unweighted)
+    def loss(self, batch, step, generator=None, stats=False):
+        loss, unweighted = meanflow_loss(self.model, batch["act"], batch["obs"], generator, self.flow_share,
+                                         self.P_mean, self.P_std, self.adaptive_p, self.adaptive_c)
+        return loss, {"unweighted_loss": unweighted}

@@ -98,8 +98,7 @@ class IDQLModule(pl.LightningModule):
     def __init__(self, nonfinite: str = "stop", check_finite_every: int = 1, compile: bool = False,
                  fused_steps: int = 1, num_seeds: int = 1) -> None:
         """``fused_steps``: gradient updates per Trainer iteration (K). The Trainer's per-iteration work (batch
-        fetch, every callback's batch hooks, logging bookkeeping: ~0.4-0.6 ms on a 2-core CPU, python -m benchmarks)
-        is then paid once per K updates. The training is the same for any K, bit for bit: every update draws its
+        fetch, every callback's batch hooks, logging bookkeeping; docs/performance.md) is then paid once per K updates. The training is the same for any K, bit for bit: every update draws its
         own batch and seeds its own noise by its global step, and global_step counts updates. K is lowered to the
         largest divisor of log_every_n_steps and of the checkpoint and evaluation periods, with a warning."""
         super().__init__()
@@ -116,9 +115,8 @@ class IDQLModule(pl.LightningModule):
         self.fused_steps = int(fused_steps)
         self._fused = 1  # the K in use this fit (see _effective_fused_steps)
         # Manual optimisation: training_step runs backward, the optimiser, the EMA / target update and the LR
-        # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step), and Lightning's automatic
-        # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs ~0.1-0.15 ms more per step on these
-        # CPUs (python -m benchmarks --ablate: its floor), 1.5% of an IQL step.
+        # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step); Lightning's automatic
+        # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs more per step (docs/performance.md).
         self.automatic_optimization = False
         self.compile_nets = bool(compile)
         if nonfinite not in ("stop", "skip"):
@@ -139,9 +137,9 @@ class IDQLModule(pl.LightningModule):
         self._pending: tuple | None = None  # a deferred check not read yet
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets bookkeeping attributes (_current_fx_name, ...) ~25 times a step, and nn.Module.__setattr__
-        # checks parameters, buffers and submodules each time (~2 µs here). For a name that is already a plain
-        # attribute and a value that is no tensor or module, nn.Module ends in object.__setattr__ anyway.
+        # Lightning sets bookkeeping attributes (_current_fx_name, ...) many times a step, and nn.Module.__setattr__
+        # checks parameters, buffers and submodules each time (docs/performance.md). For a name that is already a
+        # plain attribute and a value that is no tensor or module, nn.Module ends in object.__setattr__ anyway.
         if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
             object.__setattr__(self, name, value)
         else:
@@ -167,16 +165,10 @@ class IDQLModule(pl.LightningModule):
             return
         if dm is None:
             raise ConfigError(f"{type(self).__name__} needs a data module (the `data:` section) to know its sizes")
-        self.obs_dim, self.act_dim = int(dm.obs_dim), int(dm.act_dim)
         norm = dm.normalizer
-        self.register_buffer("obs_mean", torch.as_tensor(norm.mean, dtype=torch.float32).clone())
-        self.register_buffer("obs_std", torch.as_tensor(norm.std, dtype=torch.float32).clone())
-        self.data_info = {"dataset": str(dm.dataset), "env_id": dm.env_id, "num_transitions": int(dm.num_transitions)}
-        if self.num_seeds == 1:
-            self.build(self.obs_dim, self.act_dim)
-        else:
-            self.rng = MemberGenerators(self.num_seeds, self.trainer.strategy.root_device)
-            self.build_members(self.obs_dim, self.act_dim)
+        self.init_nets(int(dm.obs_dim), int(dm.act_dim), norm.mean, norm.std,
+                       {"dataset": str(dm.dataset), "env_id": dm.env_id, "num_transitions": int(dm.num_transitions)},
+                       self.trainer.strategy.root_device)
         if self.compile_nets:
             # Opt-in fast path: torch.compile of the trained networks' forward (nn.Module.compile keeps the
             # parameter names, so checkpoints are unchanged). The eager path stays the reference: see
@@ -184,6 +176,20 @@ class IDQLModule(pl.LightningModule):
             for net in self.trained_nets():
                 net.compile()
         self.to(self.trainer.strategy.root_device)
+
+    def init_nets(self, obs_dim: int, act_dim: int, obs_mean: Any, obs_std: Any, data_info: dict[str, Any],
+                  device: torch.device | str = "cpu") -> None:
+        """Build the networks for data of these sizes and this normaliser (what ``setup`` does with the data module's
+        facts; also the bare benchmark loop's way to get the module's own networks without a Trainer)."""
+        self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
+        self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).clone())
+        self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).clone())
+        self.data_info = dict(data_info)
+        if self.num_seeds == 1:
+            self.build(self.obs_dim, self.act_dim)
+        else:
+            self.rng = MemberGenerators(self.num_seeds, device)
+            self.build_members(self.obs_dim, self.act_dim)
 
     def build(self, obs_dim: int, act_dim: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -277,10 +283,40 @@ class IDQLModule(pl.LightningModule):
         self.skipped_steps = [int(n) for n in saved] if self.num_seeds > 1 else int(saved)
         migrate_loop_progress(checkpoint)
 
-    # ------------------------------------------------------------------ per-step plumbing
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
-        """This step's training loss (subclasses; they also ``watch_finite`` and log on logging steps)."""
+    # ------------------------------------------------------------------ the update step (plain functions)
+    def loss(self, batch: dict[str, torch.Tensor], step: int, generator: MemberGenerators | None,
+             stats: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        """The loss of update ``step`` on ``batch`` and the named scalars that go with it (the losses that make it
+        up; with ``stats`` also diagnostics), drawing its noise from ``generator`` (None: torch's default
+        generator). A plain function of the networks, the batch, the step and the generator: no Trainer, no
+        logging; the module's training step, the bare benchmark loop and the tests call it alike."""
         raise NotImplementedError
+
+    def update_targets(self, step: int) -> None:
+        """The EMA / target-network updates after update ``step`` (0-based); subclasses with such networks
+        override. Plain like :meth:`loss`."""
+
+    #: the values of :meth:`loss` checked for NaN/Inf before each update ("loss", or named parts of it)
+    watched: tuple[str, ...] = ("loss",)
+
+    def frozen_nets(self) -> list[nn.Module]:
+        """Networks the module uses but never trains or saves (CD's teacher); moved to the module's device."""
+        return []
+
+    # ------------------------------------------------------------------ per-step plumbing
+    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This update's loss for the Trainer: :meth:`loss` at the current step with the members' generators; its
+        named scalars are checked for NaN/Inf before the update and logged on logging steps."""
+        log = self.should_log()
+        loss, named = self.loss(batch, self.global_step, self.member_generator(), stats=log)
+        for name in self.watched:
+            self.watch_finite(name, loss if name == "loss" else named[name])
+        if log:
+            # sync_dist: with DDP the logged value is the mean over ranks (an all-reduce on log steps only)
+            for k, v in named.items():
+                self.log_scalar(f"train/{k}", v, sync_dist=True)
+            self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._log_now = None
@@ -291,7 +327,7 @@ class IDQLModule(pl.LightningModule):
             # Lightning's logging period and x-axis count iterations. Count updates instead, as with K = 1: this
             # iteration logs when its last update completes a period, at that update's index.
             set_logging_step(self.trainer, self.global_step + k - 1)
-        log = logs_this_iteration(self.trainer)  # whether this iteration logs: asked once (~20 µs a question)
+        log = logs_this_iteration(self.trainer)  # whether this iteration logs: asked once per iteration
         for i in range(k):
             self._update(batch if self._fused == 1 else {key: t[i] for key, t in batch.items()}, log and i == k - 1)
         self._flush_logs()
@@ -321,7 +357,7 @@ class IDQLModule(pl.LightningModule):
         # Randomness of step k is a function of (seed, rank, k): exact resume without saved RNG state.
         seed = step_seed(resolve_seed(None), self.global_rank, self.global_step, stream=1)
         # Only the generators in use: torch.manual_seed also seeds uninitialised CUDA/XPU/MTIA back-ends, each
-        # recording a stack trace, ~0.5 ms a step on CPU (python -m benchmarks --ablate).
+        # recording a stack trace (a measurable share of a CPU step, docs/performance.md).
         torch.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -352,7 +388,7 @@ class IDQLModule(pl.LightningModule):
             sched.step()  # also after a skipped update, as Lightning's automatic loop does
 
     def _opt_and_sched(self):
-        """This fit's (LightningOptimizer, scheduler or None), looked up once: the lookups cost ~10 µs a step."""
+        """This fit's (LightningOptimizer, scheduler or None), looked up once per fit rather than every step."""
         trainer = self.trainer
         if self._opt_cache is None or self._opt_cache[0] is not trainer:
             sched = self.lr_schedulers()
@@ -371,6 +407,8 @@ class IDQLModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.check_trainer(self.trainer)
+        for net in self.frozen_nets():
+            net.to(self.device)
 
     def _effective_fused_steps(self) -> int:
         """``fused_steps``, lowered to divide every period counted in steps (logging, checkpoints, evaluation):
@@ -398,14 +436,15 @@ class IDQLModule(pl.LightningModule):
         return g
 
     def after_optimizer_step(self, step: int) -> None:
-        """EMA / target-network update after update number ``step`` (0-based); subclasses override (not called for
-        a skipped step)."""
+        """After update number ``step`` (0-based; not called for a skipped step): :meth:`update_targets`, then what
+        subclasses log about it."""
+        self.update_targets(step)
 
     def should_log(self) -> bool:
         """True on the steps whose metrics Lightning writes (every ``trainer.log_every_n_steps``).
 
-        Modules log (:meth:`log_scalar`) only then: it costs ~2 ms a call, and a logged tensor is read back
-        (a host sync) only when written.
+        Modules log (:meth:`log_scalar`) only then: ``self.log`` is costly per call, and a logged tensor is read
+        back (a host sync) only when written.
         """
         if self._log_now is not None:  # set by training_step for the current update
             return self._log_now
@@ -424,7 +463,7 @@ class IDQLModule(pl.LightningModule):
         self._log_now = None  # outside a training step, should_log() asks Lightning again
 
     def _params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """The optimiser's parameters, listed once (walking the param groups every step costs ~30 µs)."""
+        """The optimiser's parameters, listed once per optimiser rather than walking the param groups every step."""
         if self._opt_params is None or self._opt_params[0] != id(optimizer):
             self._opt_params = (id(optimizer), [p for g in optimizer.param_groups for p in g["params"]])
         return self._opt_params[1]
@@ -437,8 +476,7 @@ class IDQLModule(pl.LightningModule):
         log = self.should_log()
         if not (check or log):
             return
-        # The gradients cost one pass over them (~0.3 ms a step for IQL's critics and ~0.8 ms for the 1.6M-parameter
-        # nets on a 2-core CPU, python -m benchmarks --ablate): skip mode reads them before every checked update, as it
+        # The gradients cost one pass over them (docs/performance.md): skip mode reads them before every checked update, as it
         # must act before a bad update; stop mode only on logging steps (train/grad_norm), because a non-finite
         # gradient that gets through makes the weights, hence the next step's loss, non-finite: training stops
         # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
@@ -621,9 +659,12 @@ class IDQLModule(pl.LightningModule):
             self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
                        "values (model.init_args.nonfinite: skip)")
 
+    #: the run's length outside a Trainer (the bare benchmark loop); a fit reads trainer.max_steps
+    planned_steps: int | None = None
+
     def total_steps(self) -> int:
         trainer = trainer_of(self)
-        ms = trainer.max_steps if trainer is not None else -1
+        ms = trainer.max_steps if trainer is not None else (self.planned_steps or -1)
         if ms is None or ms <= 0:
             raise ConfigError("trainer.max_steps: expected a positive step count (training is step-based), found "
                               f"{ms}")

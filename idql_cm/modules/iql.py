@@ -77,35 +77,32 @@ class IQLModule(IDQLModule):
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 
-    def loss_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # Always fp32, also under `trainer.precision: bf16-mixed` (the CLI's default on CUDA): Q and V sit near 85-95
-        # with the locomotion reward scaling, where bf16 values are 0.5 apart, and selection at temperature 100-400
-        # ranks advantage differences of 0.0025-0.01 (in a small bf16 fit the within-state correlation of the
-        # learned advantage fell from 0.98 to 0.73). The critic is small: fp32 costs little.
+    watched = ("v_loss", "q_loss")
+
+    def loss(self, batch: dict[str, torch.Tensor], step: int, generator=None,
+             stats: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """V's expectile loss plus the twin Q's TD loss (no noise: ``step`` and ``generator`` are unused).
+
+        Always fp32, also under `trainer.precision: bf16-mixed` (the CLI's default on CUDA): Q and V sit near 85-95
+        with the locomotion reward scaling, where bf16 values are 0.5 apart, and selection at temperature 100-400
+        ranks advantage differences of 0.0025-0.01 (in a small bf16 fit the within-state correlation of the learned
+        advantage fell from 0.98 to 0.73). The critic is small: fp32 costs little."""
         with torch.autocast(self.device.type, enabled=False):
-            return self._loss(batch)
+            obs, act, rew, next_obs, tml = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["tml"]
+            with torch.no_grad():
+                q_t = self.q_target(obs, act)
+                td_target = rew + self.discount * (1.0 - tml) * self.v(next_obs)
+            v = self.v(obs)
+            v_loss = expectile_loss(q_t - v, self.expectile, self.num_seeds)
+            q1, q2 = self.q.both(obs, act)
+            q_loss = self.reduce((q1 - td_target).square() + (q2 - td_target).square())
+            named = {"v_loss": v_loss, "q_loss": q_loss}
+            if stats:
+                named.update(q_mean=self.reduce(q1), v_mean=self.reduce(v), adv_mean=self.reduce(q_t - v),
+                             td_target_mean=self.reduce(td_target))
+            return v_loss + q_loss, named
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        obs, act, rew, next_obs, tml = batch["obs"], batch["act"], batch["rew"], batch["next_obs"], batch["tml"]
-        with torch.no_grad():
-            q_t = self.q_target(obs, act)
-            td_target = rew + self.discount * (1.0 - tml) * self.v(next_obs)
-        v = self.v(obs)
-        v_loss = expectile_loss(q_t - v, self.expectile, self.num_seeds)
-        q1, q2 = self.q.both(obs, act)
-        q_loss = self.reduce((q1 - td_target).square() + (q2 - td_target).square())
-        loss = v_loss + q_loss
-        self.watch_finite("v_loss", v_loss)
-        self.watch_finite("q_loss", q_loss)
-        if self.should_log():
-            for name, value in {"train/v_loss": v_loss, "train/q_loss": q_loss, "train/q_mean": self.reduce(q1),
-                                "train/v_mean": self.reduce(v), "train/adv_mean": self.reduce(q_t - v),
-                                "train/td_target_mean": self.reduce(td_target)}.items():
-                self.log_scalar(name, value, sync_dist=True)
-            self.log_scalar("train/loss", loss, prog_bar=True, sync_dist=True)
-        return loss
-
-    def after_optimizer_step(self, step: int) -> None:
+    def update_targets(self, step: int) -> None:
         # (under no_grad inside ema_update_: an in-place lerp from parameters that require grad would
         # otherwise chain every step's target into one growing autograd graph)
         self.ema_(self.q_target, self.q, 1.0 - self.tau)
