@@ -10,7 +10,7 @@ SEEDS  ?= 1
 .PHONY: install demo test test-fast lint bench quality quality-ablate pipeline report clean help
 
 help:
-	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL/EDM/CD/CT on CPU, evaluate, report"
+	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL, EDM, CD, CT and MeanFlow on CPU, evaluate, report"
 	@echo "make test      - run the test suite"
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
 	@echo "make quality   - generative-policy quality on known toys + a medium-expert analogue (CPU, ~15 min)"

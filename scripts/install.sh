@@ -18,10 +18,18 @@ else
   TORCH_SPEC=("torch==${IDQL_CM_TORCH:-2.13.0}")
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# pip's own notices (index warnings, build-backend banners) go to a log, shown only if the install fails
+LOG="$VENV/install.log"
+echo "[install] installing idql-cm and its dependencies into $VENV (pip's output: $LOG)"
 if [ "${IDQL_CM_NO_DEPS:-0}" = "1" ]; then
-  "$VENV/bin/python" -m pip install -q --no-deps -e .
+  ARGS=(--no-deps -e .)
 else
-  "$VENV/bin/python" -m pip install -q "${TORCH_SPEC[@]}" -e ".[dev]"
+  ARGS=("${TORCH_SPEC[@]}" -e ".[dev]")
+fi
+if ! "$VENV/bin/python" -m pip install -q "${ARGS[@]}" >"$LOG" 2>&1; then
+  tail -n 30 "$LOG" >&2
+  echo "[install] failed: pip install ${ARGS[*]} (full output in $LOG)" >&2
+  exit 1
 fi
 touch "$VENV/.installed"
 echo "[install] done: $("$VENV/bin/python" -c 'import torch, lightning; print("torch", torch.__version__, "lightning", lightning.__version__)')"

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from idql_cm.data.d4rl import iql_reward_scale, load_d4rl
-from idql_cm.data.datamodule import BATCH_KEYS, TDBatchIterable, TDDataModule, resolve_seed, step_seed
+from idql_cm.data.datamodule import BATCH_KEYS, TDBatchIterable, TDDataModule
 from idql_cm.data.normalizer import ObsNormalizer
 from idql_cm.data.synthetic import make_d4rl_arrays, write_arrays, write_d4rl_file
 from idql_cm.errors import ConfigError, DataError
+from idql_cm.seeding import resolve_seed, step_seed
 
 
 @pytest.fixture(scope="module")

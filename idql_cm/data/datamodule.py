@@ -18,9 +18,7 @@ the batches an uninterrupted run draws from step N on, and ranks draw different 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -35,34 +33,13 @@ from idql_cm.data.scores import task_family
 from idql_cm.data.sources import d4rl_task_of, resolve_source
 from idql_cm.errors import ConfigError, DataError
 from idql_cm.lightning_compat import consumed_batches
+from idql_cm.seeding import resolve_seed, step_seed
 
-__all__ = ["BATCH_KEYS", "SingleBatchLoader", "TDBatchIterable", "TDDataModule", "column_views", "pack_columns",
-           "resolve_seed", "step_seed"]
+__all__ = ["BATCH_KEYS", "SingleBatchLoader", "TDBatchIterable", "TDDataModule", "column_views", "pack_columns"]
 
 BATCH_KEYS = ("obs", "act", "rew", "next_obs", "tml")
 REWARD_SCALES = ("none", "iql_locomotion")
 OUT_OF_BOUNDS = ("clip", "error")
-
-
-def step_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
-    """A 63-bit BLAKE2b hash of ``(seed, rank, step[, stream])``: the seed of step ``step`` on ``rank``.
-
-    Stream 0 seeds the batch indices; the modules seed their noise and dropout with stream 1. Seeding every step
-    from this makes a run's randomness independent of how it was interrupted (exact resume, no RNG state saved).
-    """
-    fields = (int(seed), int(rank), int(step)) + ((int(stream),) if stream else ())
-    digest = hashlib.blake2b(struct.pack("<" + "q" * len(fields), *fields), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def resolve_seed(seed: int | None) -> int:
-    """``seed`` if given, else the seed ``lightning.seed_everything`` recorded (``PL_GLOBAL_SEED``), else 0."""
-    if seed is not None:
-        return int(seed)
-    try:
-        return int(os.environ.get("PL_GLOBAL_SEED", "0"))
-    except ValueError:
-        return 0
 
 
 def _consumed_batches(trainer) -> int:
@@ -236,10 +213,18 @@ class TDDataModule(L.LightningDataModule):
         self._normalizer: ObsNormalizer | None = None
         self._tensors: dict[str, torch.Tensor] | None = None
         self._env_id: Any = _UNSET
-        #: batches per Trainer iteration, set by a module that makes several updates per iteration (fused_steps)
+        #: batches per Trainer iteration and members trained side by side: what the module's updates need, told by
+        #: the module through :meth:`configure_draws`
         self.steps_per_batch = 1
-        #: members trained side by side, set by a module with ``num_seeds: S`` (batches ``[S, B, ...]``)
         self.num_members = 1
+
+    def configure_draws(self, num_members: int, steps_per_batch: int) -> None:
+        """Draw one batch per member (``[S, B, ...]``, member k's from seed s + k) and ``steps_per_batch`` updates'
+        batches per item (``[K, B, ...]``): called by the module at every setup (``num_seeds``, ``fused_steps``)."""
+        if int(num_members) < 1 or int(steps_per_batch) < 1:
+            raise ConfigError(f"TDDataModule.configure_draws: expected positive counts, found {num_members} member(s), "
+                              f"{steps_per_batch} step(s) per batch")
+        self.num_members, self.steps_per_batch = int(num_members), int(steps_per_batch)
 
     # ----------------------------------------------------------------------------------------- lazy dataset
     @property

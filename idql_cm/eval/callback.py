@@ -41,6 +41,7 @@ from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
 from idql_cm.eval.rollout import VECTOR_MODES, Rollout, evaluate
 from idql_cm.policies import critic_from_checkpoint
+from idql_cm.seeding import recorded_seed
 
 
 class EvalActor(Protocol):
@@ -494,7 +495,7 @@ class RolloutEvaluation(Callback):
             checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
             episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
             max_episode_steps=self.max_episode_steps, world_size=world)
-        base_seed = int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None
+        base_seed = recorded_seed()
         lines: list[str] = []
         if S == 1:
             results = per_member[0]

@@ -117,7 +117,8 @@ class BehaviourModule(IDQLModule):
         return [self.model]
 
     def configure_optimizers(self):
-        opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay, self.num_seeds)
+        opt = make_optimizer(self.model.parameters(), self.opt_name, self.lr, self.weight_decay, self.num_seeds,
+                             self.stepping_members)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from idql_cm.checkpoint import MODULE_KEY, DataFacts, check_fits_data, check_payload, make_payload
-from idql_cm.data.datamodule import resolve_seed, step_seed
 from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
 from idql_cm.lightning_compat import (
     checkpoint_every_n_train_steps,
@@ -30,6 +29,7 @@ from idql_cm.modules.members import stack_members
 from idql_cm.nets.ema import ema_update_
 from idql_cm.nets.ensemble import MemberGenerators, member_mean
 from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
+from idql_cm.seeding import resolve_seed, step_seed
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,12 @@ class TrainingData(Protocol):
 
 
 @runtime_checkable
-class FusableData(Protocol):
-    """A data module that makes ``steps_per_batch`` steps' batches per item (``[K, B, ...]``) when told to
-    (:class:`~idql_cm.data.datamodule.TDDataModule`); ``model.fused_steps`` needs one."""
+class ConfigurableDraws(Protocol):
+    """A data module that draws what the module's updates need (:class:`~idql_cm.data.datamodule.TDDataModule`):
+    one batch per member (``[S, B, ...]``, member k's from seed s + k; ``model.num_seeds`` needs it) and the batches
+    of K updates per item (``[K, B, ...]``; ``model.fused_steps`` needs it)."""
 
-    steps_per_batch: int
+    def configure_draws(self, num_members: int, steps_per_batch: int) -> None: ...
 
 
 @runtime_checkable
@@ -71,14 +72,17 @@ def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_st
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float, num_members: int = 1) -> torch.optim.Optimizer:
+def make_optimizer(params, name: str, lr: float, weight_decay: float, num_members: int = 1,
+                   members_after_closure=None) -> torch.optim.Optimizer:
     """Adam or AdamW; for ``num_members`` S > 1 (stacked ``[S, ...]`` parameters) :class:`MemberAdam`, which gives
-    member k torch's Adam / AdamW update with its own step count (so one member's update can be skipped)."""
+    member k torch's Adam / AdamW update with its own step count (so one member's update can be skipped: it asks
+    ``members_after_closure`` which members step)."""
     # The reference trains its actors with AdamW at PyTorch's default weight decay 0.01 because it passes
     # only {"lr": 3e-4} (docs/design.md). Every shipped actor config sets optimizer and weight_decay
     # explicitly (tests/test_configs_smoke.py checks it): Adam without decay, as AdamW 0.01 measured no better.
     if name in ("adam", "adamw") and num_members > 1:
-        return MemberAdam(params, num_members, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw")
+        return MemberAdam(params, num_members, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw",
+                          members_after_closure=members_after_closure)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -149,18 +153,16 @@ class IDQLModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dm: TrainingData | None = self.trainer.datamodule
         self._fused = self._effective_fused_steps() if stage == "fit" else 1
-        if self.num_seeds > 1:
-            if dm is None or not hasattr(dm, "num_members"):
+        if isinstance(dm, ConfigurableDraws):  # told every time: a reused data module follows this run
+            dm.configure_draws(self.num_seeds, self._fused)
+        else:
+            if self.num_seeds > 1:
                 raise ConfigError(f"model.num_seeds: {self.num_seeds} members need a data module that draws a batch "
                                   f"per member (TDDataModule), found {type(dm).__name__}")
-        if hasattr(dm, "num_members"):  # set every time (as steps_per_batch): a reused data module follows this run
-            dm.num_members = self.num_seeds  # S > 1: [S, B, ...] batches, member k's from seed s + k
-        if isinstance(dm, FusableData):
-            dm.steps_per_batch = self._fused  # K batches per item, [K, B, ...]
-        elif self._fused > 1:
-            self._warn(f"model.fused_steps: the data module {type(dm).__name__} makes one batch per iteration; "
-                       "using 1")
-            self._fused = 1
+            if self._fused > 1:
+                self._warn(f"model.fused_steps: the data module {type(dm).__name__} makes one batch per iteration; "
+                           "using 1")
+                self._fused = 1
         if self.obs_dim is not None:
             return
         if dm is None:
@@ -213,6 +215,11 @@ class IDQLModule(pl.LightningModule):
                 built[name].append(getattr(self, name))
         for name, nets in built.items():
             setattr(self, name, stack_members(nets, self.rng))
+
+    def stepping_members(self) -> torch.Tensor | None:
+        """The members whose update goes ahead this step (``nonfinite: skip`` with S members), None for all: what
+        :class:`MemberAdam` asks after the non-finite check ran inside its closure."""
+        return self._member_mask
 
     def member_generator(self) -> MemberGenerators | None:
         """What the losses draw from: the members' generators, or None (torch's default generator) for one member."""
@@ -567,8 +574,8 @@ class IDQLModule(pl.LightningModule):
                 f"before the update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip only "
                 "that member's update)")
         mask = torch.tensor(ok, dtype=torch.bool)
-        optimizer.next_members = mask  # MemberAdam: only these members step (read after this closure)
-        self._member_mask = mask.to(self.device)  # and only their EMA / targets move
+        self._member_mask = mask.to(self.device)  # only these members step (MemberAdam asks after this closure),
+        # and only their EMA / targets move
         if not any(ok):
             self._skip_update = True
         for k in bad:

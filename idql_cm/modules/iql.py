@@ -73,7 +73,7 @@ class IQLModule(IDQLModule):
 
     def configure_optimizers(self):
         opt = make_optimizer(list(self.q.parameters()) + list(self.v.parameters()), "adam", self.lr, 0.0,
-                             self.num_seeds)
+                             self.num_seeds, self.stepping_members)
         sched = cosine_or_constant(opt, self.lr_schedule, self.total_steps())
         return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}  # stepped by training_step
 

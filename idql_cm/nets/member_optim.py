@@ -8,7 +8,7 @@ and the step count is shared) as long as every member steps every time. When one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +29,15 @@ class MemberAdam(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], num_members: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled: bool = False):
+                 decoupled: bool = False, members_after_closure: Callable[[], torch.Tensor | None] | None = None):
+        """``members_after_closure``: asked after a ``step``'s closure ran which members step this update (a bool
+        ``[S]``, or None for all): a non-finite check that runs inside the closure (Lightning's
+        ``on_before_optimizer_step``) decides it."""
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"MemberAdam: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled))
         self.num_members = int(num_members)
-        self.next_members: torch.Tensor | None = None  # see step
+        self._members_after_closure = members_after_closure
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 0 or p.shape[0] != self.num_members:
@@ -43,17 +46,15 @@ class MemberAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, members: torch.Tensor | Sequence[bool] | None = None):
-        """One update of the members in ``members`` (bool ``[S]``). Without ``members``, the mask left in
-        ``next_members`` (read after ``closure`` ran, and cleared) is used, else all members: a non-finite check that
-        runs inside the closure (Lightning's ``on_before_optimizer_step``) can set it. A parameter without gradient is
-        left alone, as in torch's Adam."""
+        """One update of the members in ``members`` (bool ``[S]``). Without ``members``, those that
+        ``members_after_closure`` names after ``closure`` ran, else all. A parameter without gradient is left alone,
+        as in torch's Adam."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if members is None:
-            members = self.next_members
-        self.next_members = None
+        if members is None and self._members_after_closure is not None:
+            members = self._members_after_closure()
         S = self.num_members
         if members is None:
             stepping = list(range(S))
