@@ -116,11 +116,11 @@ def test_idql_cm_report_merges_ensemble_members_and_solo_seeds_alike(runs, tmp_p
     assert alone.returncode == 0, alone.stderr
     row = ens["results"][0]
     cell = f"{row['normalized_score_mean']:.1f}±{row['normalized_score_se']:.1f}"
-    assert f"| 1 | — | — | {cell} |" in alone.stdout and f"over {S} training seeds" in alone.stdout
+    assert f"| 1 | {cell} |" in alone.stdout and f"over {S} training seeds" in alone.stdout
     # the solo run of seed 6 is the ensemble's member 1: together they are still the two seeds 5 and 6
     both = run_cli_subprocess(["report", str(runs["ens"]), str(runs["solo6"]), "--out", str(tmp_path / "b")])
     assert both.returncode == 0, both.stderr
-    assert f"| 1 | — | — | {cell} |" in both.stdout
+    assert f"| 1 | {cell} |" in both.stdout
     merged = json.loads((tmp_path / "b" / "combined_report.json").read_text())["reports"]
     assert [r["seeds"] for r in merged] == [S] and merged[0]["train_seeds"] == [SEED, SEED + 1]
 

@@ -12,8 +12,10 @@ from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
 
 
+# One behaviour module and the critic: compiling is the same code for every module (IDQLModule.setup compiles
+# trained_nets()), and EDM's compile took 40 s of the suite without covering anything CT's does not.
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["edm", "ct", "iql"])
+@pytest.mark.parametrize("stage", ["ct", "iql"])
 def test_compiled_training_matches_eager(stage, tmp_path):
     data = str(write_d4rl_file(tmp_path / "d.hdf5", n_episodes=2, episode_len=100, obs_dim=17, act_dim=6))
     small = ({"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.0}} if stage in ("edm", "ct")
