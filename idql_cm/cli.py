@@ -124,9 +124,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 sub = next((a for a in argv if isinstance(a, str) and a in LIGHTNING_SUBCOMMANDS), "")
                 raise ConfigError(_short_parser_message(e.message, sub)) from e
 
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            _add_eval_arguments(parser)
+
         def before_instantiate_classes(self) -> None:
             sub = self.subcommand
             cfg = self.config.get(sub, self.config) if sub else self.config
+            _apply_eval_arguments(cfg)
             root = _get(cfg, "trainer.default_root_dir") or os.getcwd()
             _substitute_root(cfg, os.path.normpath(root))
             teacher = _get(cfg, "model.init_args.teacher_ckpt")
@@ -277,6 +281,43 @@ def _short_parser_message(message: str, subcommand: str = "") -> str:
         text += (" (expected data.dataset: a D4RL id like halfcheetah-medium-v2, the path of a D4RL-layout HDF5 file, "
                  "or minari:<dataset id>)")
     return f"{text} (idql-cm {subcommand + ' ' if subcommand else ''}--help lists the options)"
+
+
+#: the evaluation callback's class path, whose arguments ``--eval.<name>`` sets
+EVAL_CALLBACK = "idql_cm.eval.callback.RolloutEvaluation"
+
+
+def _add_eval_arguments(parser) -> None:
+    """``--eval.<name>`` for every argument of the config's RolloutEvaluation callback (``--eval.episodes 10
+    --eval.num_candidates 64``): LightningCLI cannot address one entry of ``trainer.callbacks`` from the command line.
+    Unset (None) means the config's value."""
+    import inspect
+    import typing
+
+    from idql_cm.eval.callback import RolloutEvaluation
+
+    hints = typing.get_type_hints(RolloutEvaluation.__init__)
+    for name in inspect.signature(RolloutEvaluation.__init__).parameters:
+        if name in hints and name != "return":
+            parser.add_argument(f"--eval.{name}", type=typing.Optional[hints[name]], default=None,  # noqa: UP045
+                                help=f"RolloutEvaluation {name} (default: the config's)")
+
+
+def _apply_eval_arguments(cfg) -> None:
+    """Copy the given ``--eval.<name>`` values into the config's RolloutEvaluation callback(s)."""
+    ev = cfg.get("eval")
+    given = {k: v for k, v in vars(ev).items() if v is not None} if ev is not None else {}
+    if not given:
+        return
+    callbacks = [cb for cb in (_get(cfg, "trainer.callbacks") or [])
+                 if str(getattr(cb, "class_path", "")) == EVAL_CALLBACK]
+    if not callbacks:
+        flags = ", ".join(f"--eval.{k}" for k in given)
+        raise ConfigError(f"{flags}: expected a {EVAL_CALLBACK} callback in trainer.callbacks to set, found none in "
+                          "this config (the critic stage has no evaluation)")
+    for cb in callbacks:
+        for key, value in given.items():
+            setattr(cb.init_args, key, value)
 
 
 def _get(cfg, dotted: str):

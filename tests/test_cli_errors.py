@@ -123,3 +123,30 @@ def test_data_without_environment_trains_and_skips_evaluation_before_asking_for_
     assert len(skips) == 1 and "skipping rollouts" in skips[0] and "no environment" in skips[0], skips
     assert (tmp_path / "ct" / "checkpoints" / "last.ckpt").is_file()
     assert not list(tmp_path.rglob("eval_report*"))
+
+
+def test_eval_settings_from_the_command_line(tmp_path):
+    """``--eval.<name>`` sets the config's RolloutEvaluation callback (LightningCLI cannot address one entry of
+    trainer.callbacks); on a config without one it is refused in one line."""
+    import json
+
+    from idql_cm.cli import main
+    from idql_cm.data.synthetic import write_d4rl_file
+
+    data = str(write_d4rl_file(tmp_path / "d.hdf5", n_episodes=2, episode_len=60, obs_dim=17, act_dim=6,
+                               env_id="HalfCheetah-v5"))
+    iql = shrink_config(CONFIGS / "demo" / "iql.yaml", tmp_path / "iql.yaml", tmp_path / "iql", data, steps=2,
+                        model_args={"hidden_dim": 16}, keep_eval=False)
+    assert main(["fit", "--config", str(iql)]) == 0
+    ct = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", data, steps=2,
+                       model_args={"net": {"hidden_dim": 16, "n_blocks": 1, "expand": 2}, "total_steps": 2},
+                       eval_args={"critic_ckpt": str(tmp_path / "iql" / "checkpoints" / "last.ckpt")})
+    assert main(["fit", "--config", str(ct), "--eval.episodes", "1", "--eval.num_envs", "1", "--eval.nfe", "[2]",
+                 "--eval.num_candidates", "3"]) == 0
+    rep = json.loads((tmp_path / "ct" / "eval_report.json").read_text())
+    assert [r["nfe"] for r in rep["results"]] == [2] and rep["results"][0]["episodes"] == 1
+    assert rep["num_candidates"] == 3
+    proc = run_cli_subprocess(["fit", "--config", str(iql), "--eval.episodes", "3"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "--eval.episodes" in line and "RolloutEvaluation" in line, line
