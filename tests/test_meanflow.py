@@ -142,3 +142,14 @@ def test_stacked_members_draw_and_lose_as_their_solo_runs():
         solo, _ = meanflow_loss(MeanFlowModel(nets[k]), x[k], obs[k], torch.Generator().manual_seed(11 + k),
                                 flow_share=0.5)
         assert loss_s[k].item() == pytest.approx(solo.item(), rel=1e-5)
+
+
+def test_interval_features_are_smooth_in_h():
+    """The JVP differentiates the features of h = t − r: each must change by at most 1 per unit of h (the authors'
+    positional embedding). Oscillating features (cos / sin(π·2^k·h)) made du/dt huge and training fail."""
+    h = torch.linspace(0, 1, 201, requires_grad=True)
+    feats = interval_features(h)
+    assert feats.shape == (201, H_FEATURES)
+    slopes = torch.stack([torch.autograd.grad(feats[:, j].sum(), h, retain_graph=True)[0] for j in range(H_FEATURES)])
+    assert slopes.abs().max().item() <= 1.0 + 1e-6
+    assert (feats[-1] - feats[0]).abs().max().item() > 0.5  # and they do tell h = 0 from h = 1

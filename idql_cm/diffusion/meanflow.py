@@ -20,8 +20,6 @@ per-sample squared error summed over dimensions.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -33,11 +31,15 @@ H_FEATURES = 16
 
 
 def interval_features(h: torch.Tensor) -> torch.Tensor:
-    """Fixed (parameter-free) features of ``h = t − r`` ∈ [0, 1]: ``[cos(π f h), sin(π f h)]`` for
-    ``f = 1, 2, 4, ..., 128``; ``[..., B]`` → ``[..., B, H_FEATURES]``. Parameter-free so that the model's parameters
-    all live in its network (stackable for ``num_seeds``) and the JVP sees h's derivative exactly."""
-    freqs = 2.0 ** torch.arange(H_FEATURES // 2, device=h.device, dtype=h.dtype)
-    phase = math.pi * h[..., None] * freqs
+    """Fixed (parameter-free) features of ``h = t − r`` ∈ [0, 1]: the positional embedding of the authors' code,
+    ``[cos(f h), sin(f h)]`` with ``f = 10000^(−k/7)``, k = 0..7 (phases of at most 1 rad); ``[..., B]`` →
+    ``[..., B, H_FEATURES]``. Parameter-free so that the model's parameters all live in its network (stackable for
+    ``num_seeds``), and low-frequency on purpose: the JVP differentiates them, and features oscillating over [0, 1]
+    (we first tried cos / sin(π·2^k·h), k = 0..7) made ``du/dt`` huge and the targets garbage (toy precision at
+    NFE 2: 0.001 against 0.988 with these; docs/quality.md)."""
+    n = H_FEATURES // 2
+    freqs = 1e-4 ** (torch.arange(n, device=h.device, dtype=h.dtype) / (n - 1))
+    phase = h[..., None] * freqs
     return torch.cat([phase.cos(), phase.sin()], dim=-1)
 
 
