@@ -131,10 +131,12 @@ model:
   init_args:
     net: {dropout: 0.1, hidden_dim: 256, n_blocks: 3}
     fourier_scale: 4.0              # the time input is t in [0, 1] (EDM's 16 acts on 1/4 ln sigma)
-    flow_share: 0.75                # share of each batch with r = t (plain flow matching, the anchor); not yet
+    flow_share: 0.25                # share of each batch with r = t (plain flow matching, the anchor); not yet
                                     # measured on D4RL (OFQL uses 0.5)
-    P_mean: -0.4                    # (t, r) ~ logit-normal(-0.4, 1.0), the MeanFlow paper's
-    P_std: 1.0
+    P_mean_t: -0.6                  # t ~ logit-normal(-0.6, 1.6), r ~ logit-normal(-4, 1.6), r <= t: the authors'
+    P_std_t: 1.6                    # code's sampler (docs/quality.md)
+    P_mean_r: -4.0
+    P_std_r: 1.6
     adaptive_p: 1.0                 # loss weight 1 / (|err|^2 + c)^p, the paper's p = 1
     lr: 3.0e-4
     optimizer: adam

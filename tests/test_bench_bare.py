@@ -29,7 +29,8 @@ MODULES = {
                              ema_power=0.5, ema_decay=0.99, optimizer="adamw", weight_decay=0.01),
     "ct": lambda: CTModule(net=NET, s0=4, s1=64, total_steps=40, P_mean=-0.8, P_std=1.5, huber_c=0.01,
                            fourier_scale=0.5, clip_student=True, sigma_max=40.0, ema_warmup=False, ema_decay=0.95),
-    "meanflow": lambda: MeanFlowModule(net=NET, flow_share=0.3, P_mean=0.2, P_std=0.7, adaptive_p=0.5, lr=5e-4),
+    "meanflow": lambda: MeanFlowModule(net=NET, flow_share=0.6, P_mean_t=0.2, P_std_t=0.7, P_mean_r=-1.0,
+                                       adaptive_p=0.5, lr=5e-4),
 }
 DEFAULTS = {"iql": lambda: IQLModule(hidden_dim=16), "edm": lambda: EDMModule(net=NET),
             "ct": lambda: CTModule(net=NET, total_steps=40), "meanflow": lambda: MeanFlowModule(net=NET)}

@@ -427,21 +427,24 @@ class MeanFlowModule(BehaviourModule):
 
     kind = "meanflow"
 
-    def __init__(self, flow_share: float = 0.75, P_mean: float = -0.4, P_std: float = 1.0, adaptive_p: float = 1.0,
-                 adaptive_c: float = 1e-3, fourier_scale: float = 4.0, **kwargs: Any) -> None:
-        """``flow_share``: the share of each batch with r = t (the paper's best on images 0.75; OFQL uses 0.5);
-        ``P_mean`` / ``P_std``: the logit-normal of t and r (the paper's −0.4, 1.0); ``adaptive_p`` / ``adaptive_c``:
+    def __init__(self, flow_share: float = 0.25, P_mean_t: float = -0.6, P_std_t: float = 1.6,
+                 P_mean_r: float = -4.0, P_std_r: float = 1.6, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
+                 fourier_scale: float = 4.0, **kwargs: Any) -> None:
+        """``flow_share``: the share of each batch with r = t (the authors' code 0.25; the paper's image setting
+        0.75; OFQL 0.5); ``P_mean_t`` / ``P_std_t`` and ``P_mean_r`` / ``P_std_r``: the logit-normals of t and r (the
+        authors' code's, r near 0; :func:`~idql_cm.diffusion.meanflow.sample_t_r`); ``adaptive_p`` / ``adaptive_c``:
         the adaptive loss weight ``1 / (‖Δ‖² + c)^p`` (the paper's p = 1; c = 1e-3 as the authors' code);
         ``fourier_scale``: of the time embedding, whose input here is t ∈ [0, 1] (EDM's 16 acts on ¼·ln σ)."""
         super().__init__(**kwargs)
         if not 0.0 <= flow_share <= 1.0:
             raise ConfigError(f"model.flow_share: expected a share in [0, 1], found {flow_share}")
-        if not P_std > 0:
-            raise ConfigError(f"model.P_std: expected a positive number, found {P_std}")
+        if not (P_std_t > 0 and P_std_r > 0):
+            raise ConfigError(f"model.P_std_t / P_std_r: expected positive numbers, found {P_std_t}, {P_std_r}")
         if not adaptive_p >= 0 or not adaptive_c > 0:
             raise ConfigError(f"model.adaptive_p / adaptive_c: expected p >= 0 and c > 0, found {adaptive_p}, "
                               f"{adaptive_c}")
-        self.flow_share, self.P_mean, self.P_std = float(flow_share), float(P_mean), float(P_std)
+        self.flow_share = float(flow_share)
+        self.t_r = (float(P_mean_t), float(P_std_t), float(P_mean_r), float(P_std_r))
         self.adaptive_p, self.adaptive_c = float(adaptive_p), float(adaptive_c)
         self.fourier_scale = float(fourier_scale)
         self.save_hyperparameters()
@@ -463,5 +466,5 @@ class MeanFlowModule(BehaviourModule):
 
     def loss(self, batch, step, generator=None, stats=False):
         loss, unweighted = meanflow_loss(self.model, batch["act"], batch["obs"], generator, self.flow_share,
-                                         self.P_mean, self.P_std, self.adaptive_p, self.adaptive_c)
+                                         *self.t_r, self.adaptive_p, self.adaptive_c)
         return loss, {"unweighted_loss": unweighted}
