@@ -92,3 +92,52 @@ def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher,
     assert actor_from_checkpoint(str(tmp_path / "cdk" / "checkpoints" / "last.ckpt"), "cpu").options["train_grid"] is None
     assert off["idql_cm"]["renoise"] == "karras"
 
+
+
+def test_ct_init_from_edm_starts_from_its_ema_network(data_and_teacher, tmp_path):
+    """``init_from`` (ECT): with lr 0 the CT's online and EMA networks stay what they started as, which must be the
+    EDM's EMA network (its architecture, Fourier scale included), and the checkpoint records where they came from; a
+    CT from scratch starts elsewhere. A critic checkpoint as ``init_from`` is refused in one line before any work."""
+    from idql_cm.fileio import file_sha256
+    from tests.cli_utils import run_cli_subprocess
+
+    dataset, teacher = data_and_teacher
+    edm = torch.load(teacher, map_location="cpu", weights_only=False)
+    ct = _fit("ct", tmp_path, dataset, 2, "ect", init_from=str(teacher), lr=0.0, total_steps=2, s0=2, s1=8)
+    start = _part(edm["state_dict"], "ema_model.net.")
+    for prefix in ("model.net.", "ema_model.net."):
+        mine = _part(ct["state_dict"], prefix)
+        assert mine.keys() == start.keys()
+        for key in start:
+            assert torch.equal(mine[key], start[key]), (prefix, key)
+    meta = ct["idql_cm"]
+    assert meta["init_sha256"] == file_sha256(str(teacher)) and meta["net"] == edm["idql_cm"]["net"]
+    scratch = _fit("ct", tmp_path, dataset, 2, "scratch", lr=0.0, total_steps=2, s0=2, s1=8, **SMALL_NET)
+    assert not torch.equal(_part(scratch["state_dict"], "model.net.")["inp.weight"], start["inp.weight"])
+
+    critic = shrink_config(CONFIGS / "demo" / "iql.yaml", tmp_path / "iql.yaml", tmp_path / "iql", dataset, steps=2,
+                           model_args={"hidden_dim": 16}, keep_eval=False)
+    assert main(["fit", "--config", str(critic)]) == 0
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "bad.yaml", tmp_path / "bad", dataset, steps=2,
+                        keep_eval=False, model_args={"init_from": str(tmp_path / "iql" / "checkpoints" / "last.ckpt")})
+    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "model.init_from" in line and "'edm'" in line and "'iql'" in line, line
+    assert not (tmp_path / "bad").exists()
+
+
+def test_ct_init_from_an_edm_ensemble_takes_member_k_from_member_k(data_and_teacher, tmp_path):
+    dataset, _ = data_and_teacher
+    edm = _fit("edm", tmp_path, dataset, 2, "edm2", num_seeds=2, **SMALL_NET)
+    path = str(tmp_path / "edm2" / "checkpoints" / "last.ckpt")
+    ct = _fit("ct", tmp_path, dataset, 2, "ect2", init_from=path, lr=0.0, total_steps=2, s0=2, s1=8, num_seeds=2)
+    start, mine = _part(edm["state_dict"], "ema_model.net."), _part(ct["state_dict"], "ema_model.net.")
+    assert all(torch.equal(mine[k], start[k]) for k in start)  # [2, ...] each: member k from member k
+    assert not torch.equal(start["inp.weight"][0], start["inp.weight"][1])
+    from tests.cli_utils import run_cli_subprocess
+
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "solo.yaml", tmp_path / "solo", dataset, steps=2,
+                        keep_eval=False, model_args={"init_from": path})
+    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    assert proc.returncode == 2 and "holds 2 member(s)" in proc.stderr.strip().splitlines()[-1]

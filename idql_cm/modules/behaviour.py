@@ -230,12 +230,70 @@ class CTModule(ConsistencyBehaviour):
     kind = "ct"
 
     def __init__(self, s0: int = 10, s1: int = 1280, total_steps: int | None = None, P_mean: float = -1.1,
-                 P_std: float = 2.0, huber_c: float | None = None, fourier_scale: float = 0.02, **kwargs: Any) -> None:
+                 P_std: float = 2.0, huber_c: float | None = None, fourier_scale: float = 0.02,
+                 init_from: str | None = None, **kwargs: Any) -> None:
+        """``init_from``: an EDM checkpoint of the same data to start from (ECT, Geng et al. 2024: consistency
+        training started from a trained diffusion model): the online and EMA networks start as the EDM's EMA
+        network, whose architecture (``net``, its Fourier scale included) they take; ``net`` and ``fourier_scale``
+        here are then not used. With ``num_seeds: S`` the EDM run must hold S members (member k from member k). The
+        curriculum (``s0`` → ``s1``) then shrinks the consistency gap from a denoiser rather than from noise."""
         super().__init__(**kwargs)
         self.s0, self.s1, self.curriculum_total = s0, s1, total_steps
         self.P_mean, self.P_std, self.huber_c, self.fourier_scale = P_mean, P_std, huber_c, fourier_scale
+        self.init_from = init_from
+        self.init_sha256: str | None = None
         self._grid: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.save_hyperparameters()
+
+    def preflight(self, datamodule: TrainingData | None) -> None:
+        """An ``init_from`` checkpoint must be an EDM of this data with this run's member count."""
+        if self.init_from is None:
+            return
+        meta = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")["idql_cm"]
+        self._check_init_members(meta)
+        if datamodule is not None:
+            norm = datamodule.normalizer
+            data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
+                             str(datamodule.dataset))
+            check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
+
+    def _check_init_members(self, meta: dict[str, Any]) -> None:
+        held = int(meta.get("num_seeds", 1))
+        if held != self.num_seeds:
+            raise ConfigError(f"model.init_from: {self.init_from} holds {held} member(s) (num_seeds {held}), this CT "
+                              f"run has model.num_seeds: {self.num_seeds}; start from an EDM run with num_seeds: "
+                              f"{self.num_seeds}")
+
+    def build_members(self, obs_dim: int, act_dim: int) -> None:
+        if self.init_from is None:
+            super().build_members(obs_dim, act_dim)
+        else:
+            self.build(obs_dim, act_dim)  # no random draws: member k starts from the EDM's member k
+
+    def build(self, obs_dim: int, act_dim: int) -> None:
+        if self.init_from is None:
+            super().build(obs_dim, act_dim)
+            return
+        ckpt = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")
+        meta, state = ckpt["idql_cm"], ckpt["state_dict"]
+        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
+        check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
+        self._check_init_members(meta)
+        self.net_kw = net_kwargs(meta["net"])
+        S = self.num_seeds
+        net = IDQLMlp(obs_dim, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, obs_dim, act_dim, **self.net_kw)
+        if S > 1:
+            bind_rng(net, self.rng)
+        self.model = self.wrap(net)
+        self.model.net.load_state_dict(state_prefix(state, "ema_model.net."))
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.init_sha256 = file_sha256(self.init_from)
+
+    def payload(self):
+        out = super().payload()
+        if self.init_from is not None:
+            out.update(init_from=os.path.abspath(self.init_from), init_sha256=self.init_sha256)
+        return out
 
     def default_net(self):
         # iCT recommends Fourier scale 0.02 instead of EDM's 16 (the reference tutorial does the same).
