@@ -1,0 +1,114 @@
+"""MeanFlow's design choices on a toy whose modes are known: the ablation behind docs/quality.md's MeanFlow table.
+
+A standalone loop over the package's own MeanFlow math (``idql_cm.diffusion.meanflow``: model, loss, sampler) on one
+of ``make quality``'s 2-D toys, one thread; the variants swap in the alternatives that were measured against the
+shipped choices. Usage (key=value; defaults are the shipped MeanFlow settings)::
+
+    python -m benchmarks.meanflow_toy toy=counts steps=5000 seed=0
+    python -m benchmarks.meanflow_toy steps=1500 sampler=paper features=octaves      # the first design
+
+``sampler``: ``code`` (the authors' code: t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6), r = t on ``share``, r <= t; shipped) or
+``paper`` (one LN(-0.4, 1.0) for both, ordered, r = t on ``share``); ``share``: the r = t share (0.25 with ``code``,
+0.75 with ``paper`` unless given); ``features``: ``positional`` (shipped), ``octaves`` (cos / sin(pi 2^k h),
+k = 0..7) or ``low`` (cos / sin(pi f h), f <= 2); ``fs``: the time embedding's Fourier scale; ``p``: the adaptive
+weight's power. Prints one JSON line: precision and the worst mode's share / true share at NFE 1, 2, 4.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from idql_cm.data.toys import RADIUS, TOYS
+from idql_cm.diffusion import meanflow as mf
+from idql_cm.eval.fidelity import mode_stats
+from idql_cm.nets.ema import ema_update_
+from idql_cm.nets.mlp import IDQLMlp
+
+
+def _features(kind: str):
+    if kind == "positional":
+        return mf.interval_features
+    n = mf.H_FEATURES // 2
+
+    def octaves(h):
+        phase = math.pi * h[..., None] * 2.0 ** torch.arange(n, dtype=h.dtype)
+        return torch.cat([phase.cos(), phase.sin()], dim=-1)
+
+    def low(h):
+        phase = math.pi * h[..., None] * torch.linspace(0.25, 2.0, n, dtype=h.dtype)
+        return torch.cat([phase.cos(), phase.sin()], dim=-1)
+
+    return {"octaves": octaves, "low": low}[kind]
+
+
+def _paper_sample_t_r(shape, like, generator, flow_share, P_mean_t, P_std_t, *_):
+    """The paper's image setting: one logit-normal for t and r, ordered (t >= r), then r = t on the share."""
+    a = torch.sigmoid(torch.randn(shape) * P_std_t + P_mean_t)
+    b = torch.sigmoid(torch.randn(shape) * P_std_t + P_mean_t)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    return t, torch.where(torch.rand(shape) < flow_share, t, r)
+
+
+def main(argv: list[str]) -> dict:
+    args = dict(a.split("=", 1) for a in argv)
+    toy = TOYS[args.get("toy", "counts")]
+    steps, seed = int(args.get("steps", 5000)), int(args.get("seed", 0))
+    sampler = args.get("sampler", "code")
+    share = float(args.get("share", 0.25 if sampler == "code" else 0.75))
+    t_r = (-0.6, 1.6, -4.0, 1.6) if sampler == "code" else (-0.4, 1.0, -0.4, 1.0)
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = 50_000
+    cond = rng.integers(0, toy.obs_dim, n)
+    x = np.zeros((n, 2))
+    for c in range(toy.obs_dim):
+        idx = np.flatnonzero(cond == c)
+        x[idx] = toy.sample(c, len(idx), rng)
+    onehot = np.eye(toy.obs_dim)[cond]
+    mean, std = onehot.mean(0), onehot.std(0, ddof=1)
+    X = torch.tensor(x, dtype=torch.float32)
+    obs = torch.tensor((onehot - mean) / std, dtype=torch.float32)
+    mf.interval_features = _features(args.get("features", "positional"))  # the model reads it at call time
+    if sampler == "paper":
+        mf.sample_t_r = _paper_sample_t_r
+    net = IDQLMlp(toy.obs_dim + mf.H_FEATURES, 2, hidden_dim=128, n_blocks=2, expand=4, dropout=0.0,
+                  fourier_scale=float(args.get("fs", 4.0)))
+    model = mf.MeanFlowModel(net)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    t0 = time.time()
+    for k in range(steps):
+        i = torch.randint(0, n, (256,))
+        loss, _ = mf.meanflow_loss(model, X[i], obs[i], None, share, *t_r, float(args.get("p", 1.0)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema_update_(ema, model, min(0.999, (1 + k) / (10 + k)))
+    res = {}
+    for nfe in (1, 2, 4):
+        rows = []
+        for c in range(toy.obs_dim):
+            o = torch.tensor((np.eye(toy.obs_dim)[[c] * 2000] - mean) / std, dtype=torch.float32)
+            with torch.no_grad():
+                a = mf.meanflow_sample(ema, o, nfe, generator=torch.Generator().manual_seed(1)).numpy()
+            st = mode_stats(a, toy.centres(c), toy.weights(c), RADIUS)
+            rows.append((st.precision, st.min_share_ratio))
+        res[nfe] = {"precision": round(float(np.mean([p for p, _ in rows])), 3),
+                    "min_share_ratio": round(float(np.min([s for _, s in rows])), 2)}
+    out = {"args": args, "results": res, "seconds": round(time.time() - t0)}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
