@@ -80,10 +80,13 @@ def _quiet_warnings() -> None:
 
 
 class _NoTips(logging.Filter):
-    """Drops Lightning 2.6's advertisement of a logging service, printed at every fit."""
+    """Drops Lightning 2.6's advertisement of a logging service and its accelerator inventory when it says nothing
+    (no GPU, no TPU / HPU), printed at every fit: three lines a stage that bury the project's own."""
+
+    SILENT = ("💡 Tip", "GPU available: False", "TPU available: False", "HPU available: False")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip")
+        return not str(record.msg).startswith(self.SILENT)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):

@@ -37,6 +37,8 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     # Lightning's hint about checkpoints "before optimisation" does not apply (and prints a page of example code)
     assert "pre-optimization" not in first.stdout + first.stderr and "Traceback" not in first.stderr
     assert "litlogger" not in first.stdout + first.stderr  # nor its advertisement
+    assert "TPU available" not in first.stdout + first.stderr  # nor its inventory of absent accelerators
+    assert "settotalmass" not in first.stdout + first.stderr  # nor MuJoCo's deprecation notice
     for stage in ("iql", *builtin_kinds()):
         assert f"{stage.upper()}: training 4 steps" in first.stdout
         assert (out / f"{stage}.yaml").exists() and (out / stage / "checkpoints" / "last.ckpt").exists()
