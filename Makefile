@@ -25,11 +25,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	@$(BIN)/python scripts/run_pipeline.py --preset demo --out results/demo
 
-# the longest files first, so that the two workers finish together (pytest collects each file once)
-HEAVY_TESTS := tests/test_toy_fidelity.py tests/test_pipeline.py tests/test_reliability.py tests/test_cli_errors.py
-
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q -n 2 --dist loadfile $(HEAVY_TESTS) tests
+	@$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	@$(BIN)/python -m pytest -q -m "not slow"

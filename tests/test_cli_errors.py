@@ -21,15 +21,37 @@ def _one_line_error(proc, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``idql-cm ARGS`` in this process (its exit code and output), for the refusals: the same ``main`` as the
+    console script, without a new interpreter's start-up per case. Exit codes and environment variables that must
+    be read at start-up keep their subprocess tests (test_debug_env_shows_traceback, the data-without-environment
+    run, test_help_lists_every_command)."""
+    from types import SimpleNamespace
+
+    from idql_cm.cli import main
+
+    def run(args: list[str], env: dict | None = None):
+        monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     return str(write_d4rl_file(tmp_path_factory.mktemp("d") / "c.hdf5", n_episodes=2, episode_len=40,
                                obs_dim=17, act_dim=6))
 
 
-def test_missing_dataset_file(tmp_path):
+def test_missing_dataset_file(tmp_path, cli):
     missing = tmp_path / "nowhere.hdf5"
-    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--data.dataset", str(missing),
+    proc = cli(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--data.dataset", str(missing),
                                "--trainer.default_root_dir", str(tmp_path / "run")])
     _one_line_error(proc, str(missing))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -48,23 +70,23 @@ def test_debug_env_shows_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_wrong_checkpoint_kind_is_refused_before_training(dataset, tmp_path):
+def test_wrong_checkpoint_kind_is_refused_before_training(dataset, tmp_path, cli):
     cfg = shrink_config(CONFIGS / "demo" / "iql.yaml", tmp_path / "iql.yaml", tmp_path / "iql", dataset, steps=2)
-    assert run_cli_subprocess(["fit", "--config", str(cfg)]).returncode == 0
+    assert cli(["fit", "--config", str(cfg)]).returncode == 0
     iql_ckpt = tmp_path / "iql" / "checkpoints" / "last.ckpt"
     edm = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", dataset, steps=2,
                         keep_eval=False)
-    proc = run_cli_subprocess(["fit", "--config", str(edm), "--ckpt_path", str(iql_ckpt)])
+    proc = cli(["fit", "--config", str(edm), "--ckpt_path", str(iql_ckpt)])
     _one_line_error(proc, "--ckpt_path", "edm", "iql")
     assert not (tmp_path / "edm" / "checkpoints").exists()
 
 
-def test_not_a_checkpoint(dataset, tmp_path):
+def test_not_a_checkpoint(dataset, tmp_path, cli):
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"this is not a checkpoint")
     edm = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", dataset, steps=2,
                         keep_eval=False)
-    _one_line_error(run_cli_subprocess(["fit", "--config", str(edm), "--ckpt_path", str(bogus)]), str(bogus))
+    _one_line_error(cli(["fit", "--config", str(edm), "--ckpt_path", str(bogus)]), str(bogus))
 
 
 def test_missing_teacher_for_cd(dataset, tmp_path):
@@ -74,15 +96,15 @@ def test_missing_teacher_for_cd(dataset, tmp_path):
                     str(Path(tmp_path / "run" / "edm" / "checkpoints" / "last.ckpt")))
 
 
-def test_unknown_config_key_and_wrong_type(tmp_path):
-    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--model.init_args.gamma", "1"])
+def test_unknown_config_key_and_wrong_type(tmp_path, cli):
+    proc = cli(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--model.init_args.gamma", "1"])
     assert proc.returncode != 0 and "gamma" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--trainer.max_steps", "many"])
+    proc = cli(["fit", "--config", str(CONFIGS / "demo" / "iql.yaml"), "--trainer.max_steps", "many"])
     assert proc.returncode != 0 and "max_steps" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_missing_config_file(tmp_path):
-    proc = run_cli_subprocess(["fit", "--config", str(tmp_path / "nope.yaml")])
+def test_missing_config_file(tmp_path, cli):
+    proc = cli(["fit", "--config", str(tmp_path / "nope.yaml")])
     assert proc.returncode != 0 and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -103,9 +125,9 @@ def test_help_lists_every_command():
 
 
 @pytest.mark.parametrize("sub", ["predict", "test"])
-def test_subcommands_that_cannot_run_are_not_offered(sub, tmp_path):
+def test_subcommands_that_cannot_run_are_not_offered(sub, tmp_path, cli):
     # Trainer.predict / test need a predict_step / test_step the modules do not have: refused by the parser
-    proc = run_cli_subprocess([sub, "--config", str(CONFIGS / "demo" / "ct.yaml"),
+    proc = cli([sub, "--config", str(CONFIGS / "demo" / "ct.yaml"),
                                "--trainer.default_root_dir", str(tmp_path / "run")])
     line = _one_line_error(proc, repr(sub), "fit", "validate")
     assert "Misconfiguration" not in proc.stderr and "predict'" not in line.split("choose from")[-1]
