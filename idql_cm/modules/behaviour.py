@@ -55,6 +55,16 @@ def net_kwargs(net: dict | None, **overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def check_fits_datamodule(meta: dict[str, Any], datamodule: TrainingData | None, what: str, path: str) -> None:
+    """A partner checkpoint's payload (``meta``, read from ``path`` given as ``what``) against the run's data module
+    (sizes and normaliser); nothing to check without a data module."""
+    if datamodule is None:
+        return
+    norm = datamodule.normalizer
+    data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std, str(datamodule.dataset))
+    check_fits_data(DataFacts.of_payload(meta), data, what, path)
+
+
 class BehaviourModule(IDQLModule):
     """Shared plumbing of the three behaviour policies: EMA with warm-up, optimiser, evaluation actor."""
 
@@ -251,11 +261,7 @@ class CTModule(ConsistencyBehaviour):
             return
         meta = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")["idql_cm"]
         self._check_init_members(meta)
-        if datamodule is not None:
-            norm = datamodule.normalizer
-            data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
-                             str(datamodule.dataset))
-            check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
+        check_fits_datamodule(meta, datamodule, "model.init_from", self.init_from)
 
     def _check_init_members(self, meta: dict[str, Any]) -> None:
         held = int(meta.get("num_seeds", 1))
@@ -381,11 +387,7 @@ class CDModule(ConsistencyBehaviour):
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
         meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
         self._teacher_members(meta)
-        if datamodule is not None:
-            norm = datamodule.normalizer
-            data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std,
-                             str(datamodule.dataset))
-            check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
+        check_fits_datamodule(meta, datamodule, "model.teacher_ckpt", self.teacher_ckpt)
 
     def _teacher_members(self, meta: dict[str, Any]) -> int | None:
         """The teacher member this run reads (None: all of them, or a solo teacher), checked against num_seeds."""
