@@ -87,7 +87,7 @@ class GaussianBC(BehaviourModule):
     def payload(self) -> dict[str, Any]:
         return {**super().payload(), "std": self.std}
 
-    def loss(self, batch: dict[str, torch.Tensor], step: int, generator=None, stats: bool = False):
+    def behaviour_loss(self, batch: dict[str, torch.Tensor], step: int, generator=None, stats: bool = False):
         """(loss, named scalars to log): no noise is drawn, so ``step`` and ``generator`` are unused."""
         err = (self.model.mean(batch["obs"]) - batch["act"]).pow(2).sum(-1)  # [B], or [S, B] with num_seeds: S
         return self.reduce(err), {}  # a scalar, or one loss per member

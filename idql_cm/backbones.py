@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from idql_cm.checkpoint import MODULE_KEY, load_weights
-from idql_cm.diffusion.consistency import ConsistencyModel, cm_sample
+from idql_cm.diffusion.consistency import ConsistencyModel, cm_one_step, cm_sample
 from idql_cm.diffusion.edm import EDMDenoiser, edm_sample
-from idql_cm.diffusion.meanflow import H_FEATURES, MeanFlowModel, meanflow_sample
+from idql_cm.diffusion.meanflow import H_FEATURES, MeanFlowModel, meanflow_one_step, meanflow_sample
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.nets.ensemble import StackedIDQLMlp
@@ -71,6 +71,9 @@ class BackboneSpec:
         config: its config file name in ``configs/<task>/`` (or a path, for a backbone outside the package).
         loss_curve: the regex of the TensorBoard tag a report plots as its training curve.
         needs: stages whose checkpoints it reads (CD reads an EDM teacher), so a pipeline runs those first.
+        one_step: ``(model, obs_n, noise) -> action``: the backbone's one-step map with gradients (``noise`` the
+            standard normals ``[..., B, act_dim]``), or None. A backbone with one can be guided by the critic
+            (``model.q_weight``, :mod:`idql_cm.modules.guidance`).
     """
 
     kind: str
@@ -83,6 +86,7 @@ class BackboneSpec:
     config: str | None = None
     loss_curve: str = r"^train/loss$"
     needs: tuple[str, ...] = field(default_factory=tuple)
+    one_step: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -218,12 +222,13 @@ EDM = register_backbone(BackboneSpec(
 CD = register_backbone(BackboneSpec(
     kind="cd", title="consistency model distilled from a frozen EDM teacher",
     module="idql_cm.modules.behaviour.CDModule", rebuild=consistency_from_payload, sample=cm_sample,
-    options=consistency_options, describe=lambda p: "consistency", config="cd.yaml", needs=("edm",)))
+    options=consistency_options, describe=lambda p: "consistency", config="cd.yaml", needs=("edm",),
+    one_step=cm_one_step))
 CT = register_backbone(BackboneSpec(
     kind="ct", title="consistency model trained directly (improved consistency training)",
     module="idql_cm.modules.behaviour.CTModule", rebuild=consistency_from_payload, sample=cm_sample,
     options=consistency_options, describe=lambda p: "consistency", config="ct.yaml",
-    loss_curve=r"^train/unweighted_loss$"))
+    loss_curve=r"^train/unweighted_loss$", one_step=cm_one_step))
 
 
 
@@ -240,4 +245,5 @@ def meanflow_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.
 MEANFLOW = register_backbone(BackboneSpec(
     kind="meanflow", title="MeanFlow: average-velocity flow map, one step from noise (Geng et al. 2025)",
     module="idql_cm.modules.behaviour.MeanFlowModule", rebuild=meanflow_from_payload, sample=meanflow_sample,
-    describe=lambda p: "meanflow", config="meanflow.yaml", loss_curve=r"^train/unweighted_loss$"))
+    describe=lambda p: "meanflow", config="meanflow.yaml", loss_curve=r"^train/unweighted_loss$",
+    one_step=meanflow_one_step))

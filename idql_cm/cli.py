@@ -166,6 +166,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             dm.obs_dim  # noqa: B018 - loads and checks the dataset (DataError)
             if isinstance(self.model, ChecksTrainer) and self.subcommand == "fit":
                 self.model.check_trainer(self.trainer)
+            self._default_guiding_critic()
             if isinstance(self.model, ModulePreflight):
                 self.model.preflight(dm)
             for cb in self.trainer.callbacks:
@@ -181,6 +182,19 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                                  norm.std if fitting else None, str(dm.dataset))
                 check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path",
                                 str(self.config[self.subcommand].get("ckpt_path")))
+
+        def _default_guiding_critic(self) -> None:
+            """A guided backbone (``q_weight`` > 0) without ``critic_ckpt`` guides with the critic that evaluates it:
+            the IQL stage beside this one, as the config's RolloutEvaluation names it."""
+            model = self.model
+            if not (float(getattr(model, "q_weight", 0.0) or 0.0) > 0 and getattr(model, "critic_ckpt", "") is None):
+                return
+            from idql_cm.eval.callback import RolloutEvaluation
+
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, RolloutEvaluation) and cb.critic_ckpt is not None:
+                    model.critic_ckpt = str(cb.critic_ckpt)
+                    return
 
         def before_fit(self) -> None:
             self._preflight()

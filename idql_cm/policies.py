@@ -42,6 +42,7 @@ class Actor:
     task: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""  # how it samples, in a word (an export's "solver" field)
+    q_weight: float = 0.0  # η of the critic guidance it was trained with (0: a plain behaviour policy)
 
     @property
     def kind(self) -> str:
@@ -73,7 +74,8 @@ class Actor:
         module's rollouts)."""
         return cls(spec=spec, model=model, obs_mean=obs_mean, obs_std=obs_std, act_dim=int(payload["act_dim"]),
                    env_id=payload.get("env_id"), task=payload.get("dataset"),
-                   options=spec.options(payload, device), description=spec.describe(payload))
+                   options=spec.options(payload, device), description=spec.describe(payload),
+                   q_weight=float(payload.get("q_weight") or 0.0))
 
 
 @dataclass

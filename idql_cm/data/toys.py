@@ -25,7 +25,7 @@ import numpy as np
 
 from idql_cm.fileio import atomic_path
 
-__all__ = ["RADIUS", "TOYS", "Mode", "Toy", "write_toy_dataset"]
+__all__ = ["BC_TOYS", "RADIUS", "TOYS", "Mode", "Toy", "write_toy_dataset"]
 
 #: "near a mode" = within this distance of its centre (the precision radius of ``make quality``)
 RADIUS = 0.15
@@ -45,6 +45,7 @@ class Toy:
     name: str
     description: str
     conditions: tuple[tuple[Mode, ...], ...]
+    paid: tuple[int, ...] | None = None  # per condition, the mode the reward pays (None: rewards are 0)
 
     @property
     def obs_dim(self) -> int:
@@ -71,6 +72,15 @@ class Toy:
         return np.clip(centre + std * rng.standard_normal((n, 2)), -1.0, 1.0).astype(np.float32)
 
 
+    def reward(self, c: int, act: np.ndarray) -> np.ndarray:
+        """``[n]`` rewards of actions ``[n, 2]`` under condition ``c``: ``exp(−‖a − paid centre‖² / (2·0.3²))``, 1 on
+        the paid mode and ≈ 0 on the others (a toy without a paid mode: 0)."""
+        if self.paid is None:
+            return np.zeros(len(act), dtype=np.float32)
+        d2 = ((act - self.centres(c)[self.paid[c]]) ** 2).sum(-1)
+        return np.exp(-d2 / (2 * 0.3**2)).astype(np.float32)
+
+
 def _ring(n: int, radius: float, start_deg: float, std: float) -> tuple[Mode, ...]:
     return tuple(Mode((radius * math.cos(math.radians(start_deg + 360 * i / n)),
                        radius * math.sin(math.radians(start_deg + 360 * i / n))), std, 1.0) for i in range(n))
@@ -92,7 +102,16 @@ TOYS: dict[str, Toy] = {
         ((Mode((-0.85, -0.85), 0.03, 1.0), Mode((0.85, 0.85), 0.03, 1.0)),
          (Mode((-0.85, 0.85), 0.03, 1.0), Mode((0.85, -0.85), 0.03, 1.0))),
     ),
+    "paid": Toy(
+        "paid", "2 equal modes (std 0.04) 1.2 apart per condition; the reward pays one of them (a one-step bandit)",
+        ((Mode((-0.6, 0.0), 0.04, 1.0), Mode((0.6, 0.0), 0.04, 1.0)),
+         (Mode((0.0, -0.6), 0.04, 1.0), Mode((0.0, 0.6), 0.04, 1.0))),
+        paid=(1, 0),
+    ),
 }
+
+#: the toys of the quality benchmark's behaviour-cloning part (``paid`` is for critic guidance)
+BC_TOYS = ("counts", "unequal", "far")
 
 
 def write_toy_dataset(path: str | os.PathLike, toy: Toy, transitions: int = 50_000, seed: int = 0,
@@ -100,7 +119,9 @@ def write_toy_dataset(path: str | os.PathLike, toy: Toy, transitions: int = 50_0
     """Write ``transitions`` rows of ``toy`` (conditions in equal numbers, shuffled) as a D4RL-layout HDF5 file.
 
     Rewards are 0 and every ``episode_len`` rows end in a timeout (as HalfCheetah's do), so the file reads like any
-    D4RL file; ``metadata/toy`` names the toy. Written to a temporary name and renamed: never half-written.
+    D4RL file; ``metadata/toy`` names the toy. A toy with a paid mode is a one-step bandit instead: every row is
+    terminal and its reward is :meth:`Toy.reward` (so Q(s, a) = r). Written to a temporary name and renamed: never
+    half-written.
     """
     import h5py
 
@@ -112,14 +133,21 @@ def write_toy_dataset(path: str | os.PathLike, toy: Toy, transitions: int = 50_0
         rows = np.flatnonzero(cond == c)
         obs[rows] = toy.obs(c, len(rows))
         act[rows] = toy.sample(c, len(rows), rng)
+    rew = np.zeros(transitions, dtype=np.float32)
+    for c in range(toy.obs_dim):
+        rows = np.flatnonzero(cond == c)
+        rew[rows] = toy.reward(c, act[rows])
     timeouts = (np.arange(transitions) % episode_len) == episode_len - 1
+    terminals = np.full(transitions, toy.paid is not None)
+    if toy.paid is not None:
+        timeouts[:] = False
     path = Path(path)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("observations", data=obs)
         f.create_dataset("next_observations", data=np.roll(obs, -1, axis=0))
         f.create_dataset("actions", data=act)
-        f.create_dataset("rewards", data=np.zeros(transitions, dtype=np.float32))
-        f.create_dataset("terminals", data=np.zeros(transitions, dtype=bool))
+        f.create_dataset("rewards", data=rew)
+        f.create_dataset("terminals", data=terminals)
         f.create_dataset("timeouts", data=timeouts)
         f.create_dataset("metadata/toy", data=toy.name)
         f.create_dataset("metadata/seed", data=np.int64(seed))

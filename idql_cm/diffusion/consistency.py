@@ -105,6 +105,14 @@ def cm_sample(
     return sample_consistency(model, x, sigmas, obs, generator, None if noise is None else noise[1:])
 
 
+def cm_one_step(model: ConsistencyModel, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The one-step map ``a = f(ε·σ_max, σ_max | obs)`` with gradients (what critic guidance trains through):
+    ``noise [..., B, A]`` standard normals, ``obs [..., B, O]``; clipped to the action bounds as a sample is (a
+    coordinate beyond a bound gets no gradient from the critic, so the policy is not pulled out of the box)."""
+    sigma = torch.full(noise.shape[:-1], float(model.sigma_max), device=noise.device, dtype=noise.dtype)
+    return model(noise * model.sigma_max, sigma, obs, clip=True)
+
+
 def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | None = None,
                     device=None) -> torch.Tensor:
     """The ascending σ-grid of ``nfe``-step consistency sampling: the Karras grid of nfe intervals, with its inner

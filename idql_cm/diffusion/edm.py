@@ -27,6 +27,12 @@ def _randn(shape, like: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def standard_normal(shape, like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normals of ``shape`` like ``like``, from ``generator`` (a ``MemberGenerators``: member k's rows from
+    generator k; None: torch's default generator), as the losses draw them."""
+    return _randn(shape, like, generator)
+
+
 def batch_mean(x: torch.Tensor, generator) -> torch.Tensor:
     """The mean over the batch and the action dims: a scalar, or ``[S]`` per member for stacked draws."""
     return member_mean(x, len(generator.generators) if stacked(generator) else 1)

@@ -132,3 +132,10 @@ def meanflow_sample(model: MeanFlowModel, obs: torch.Tensor, nfe: int, generator
         t, r = times[k], times[k + 1]
         z = z - (t - r) * model(z, ones * r, ones * t, obs)
     return model.clip(z)
+
+
+def meanflow_one_step(model: MeanFlowModel, obs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The one-step map ``a = ε − u(ε, 0, 1 | obs)`` with gradients (what critic guidance trains through):
+    ``noise [..., B, A]``, ``obs [..., B, O]``; clipped to the action bounds as a sample is."""
+    zeros = torch.zeros(noise.shape[:-1], device=noise.device, dtype=noise.dtype)
+    return model.clip(noise - model(noise, zeros, zeros + 1.0, obs))

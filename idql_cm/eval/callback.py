@@ -152,13 +152,15 @@ class RolloutEvaluation(Callback):
         seed: episode i of every NFE resets with seed + i (the same episodes for every NFE and checkpoint), and the
             policy's sampling generator is seeded with it.
         progress: a progress bar per NFE (rank 0).
+        one_candidate: also evaluate with one sample per state and no critic at decision time (a critic-guided
+            policy acting alone; ``model.q_weight``): a second report ``eval_report_n1``, metrics under ``eval_n1/``.
     """
 
     def __init__(self, critic_ckpt: str | None = None, nfe: list[int] = [1, 2, 4], episodes: int = 10,  # noqa: B006
                  num_envs: int = 10, num_candidates: int = 256, temperature: float = 100.0,
                  selection: str = "softmax", every_n_steps: int = 0, env_id: str | None = None,
                  env_version: str = D4RL_ENV_VERSION, vector_mode: str = "sync", max_episode_steps: int = 1000,
-                 record_video: int = 0, seed: int = 0, progress: bool = True) -> None:
+                 record_video: int = 0, seed: int = 0, progress: bool = True, one_candidate: bool = False) -> None:
         super().__init__()
         nfe = [int(k) for k in ([nfe] if isinstance(nfe, int) else nfe)]
         if not nfe or any(k < 1 for k in nfe):
@@ -191,6 +193,7 @@ class RolloutEvaluation(Callback):
         self.record_video = int(record_video)
         self.seed = int(seed)
         self.progress = bool(progress)
+        self.one_candidate = bool(one_candidate)
 
         self._critics: dict[tuple, Any] = {}  # (path, device, member) -> critic
         self._critic_count: tuple[str, int] | None = None  # (path, members it holds)
@@ -431,23 +434,21 @@ class RolloutEvaluation(Callback):
                   f"{r['action_latency_ms']:.2f} ms/action)")
 
     @staticmethod
-    def _metrics(results: list[dict[str, Any]], prefix: str = "") -> dict[str, float]:
+    def _metrics(results: list[dict[str, Any]], prefix: str = "", root: str = "eval") -> dict[str, float]:
         metrics: dict[str, float] = {}
         for r in results:
             k = r["nfe"]
             for name, key in (("normalized_score", "normalized_score_mean"), ("normalized_score_se", "normalized_score_se"),
                               ("return_mean", "return_mean"), ("action_latency_ms", "action_latency_ms")):
                 if r.get(key) is not None:
-                    metrics[f"eval/nfe{k}/{prefix}{name}"] = float(r[key])
+                    metrics[f"{root}/nfe{k}/{prefix}{name}"] = float(r[key])
             if r["unstable_episodes"]:
-                metrics[f"eval/nfe{k}/{prefix}unstable_episodes"] = float(r["unstable_episodes"])
+                metrics[f"{root}/nfe{k}/{prefix}unstable_episodes"] = float(r["unstable_episodes"])
         return metrics
 
     def run_evaluation(self, trainer, pl_module, step: int) -> dict[str, Any] | None:
         """Evaluate every NFE (and every member of an S-member module) at ``step``; returns the report on rank 0
         (None elsewhere or when skipped)."""
-        from idql_cm.eval.report import build_report, merge_seeds, write_report
-
         self._last_eval_step = int(step)
         S = int(getattr(pl_module, "num_seeds", 1))
         actors = [self._actor(pl_module)] if S == 1 else [self._actor(pl_module, k) for k in range(S)]
@@ -456,11 +457,8 @@ class RolloutEvaluation(Callback):
         if env is None:
             return None
         env_id, env_note = env
-        device = pl_module.device
-        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call it on every rank
         log_dir = str(log_dir or trainer.default_root_dir)
-        video_dir = os.path.join(log_dir, "videos")
         task = actor.task or actor.env_id or self.env_id
         if self.critic_ckpt is None and not self._bc_announced:
             self._bc_announced = True
@@ -468,20 +466,44 @@ class RolloutEvaluation(Callback):
                            "(behaviour cloning, one sample per state)")
         seeds = [pl_module.member_seed(k) for k in range(S)] if S > 1 else []
 
+        report = self._evaluation_pass(trainer, pl_module, actors, env_id, env_note, step, task, log_dir, seeds,
+                                       with_critic=True)
+        if self.one_candidate and self.critic_ckpt is not None:
+            # the policy's own decision: one sample per state, no critic at decision time (a guided policy's use)
+            self._evaluation_pass(trainer, pl_module, actors, env_id, env_note, step, task, log_dir, seeds,
+                                  with_critic=False)
+        if report is not None:
+            self.last_report = report
+        return report
+
+    def _evaluation_pass(self, trainer, pl_module, actors, env_id: str, env_note, step: int, task, log_dir: str,
+                         seeds: list[int], with_critic: bool) -> dict[str, Any] | None:
+        """Every member's rollouts at every NFE, with the critic re-ranking ``num_candidates`` (``with_critic``) or
+        with one candidate and no critic; logs, prints and writes the report (``eval_report`` / ``eval_report_n1``,
+        metrics under ``eval/`` / ``eval_n1/``). The report on rank 0, None elsewhere."""
+        from idql_cm.eval.report import build_report, merge_seeds, write_report
+
+        S = len(actors)
+        actor = actors[0]
+        device = pl_module.device
+        world, rank = max(int(trainer.world_size), 1), int(trainer.global_rank)
+        video_dir = os.path.join(log_dir, "videos")
+        tag, root, name = ("", "eval", "eval_report") if with_critic else (" (one candidate, no critic)", "eval_n1",
+                                                                            "eval_report_n1")
         per_member: list[list[dict[str, Any]]] = []
         was_training = pl_module.training
         pl_module.eval()
         fork_devices = [device.index or 0] if device.type == "cuda" else []
         try:
             for k, member_actor in enumerate(actors):
-                critic = self._get_critic(device, k if S > 1 else None)
+                critic = self._get_critic(device, k if S > 1 else None) if with_critic else None
                 self._check_pair(member_actor, critic)
                 agent = IDQLAgent(member_actor, critic, self.num_candidates, self.temperature, self.selection)
-                what = f" member {k} (seed {seeds[k]})" if S > 1 else ""
+                what = (f" member {k} (seed {seeds[k]})" if S > 1 else "") + tag
                 # every member sees the same episodes and, from the same state, the same sampling seeds
                 with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
                     per_member.append(self._rollouts(trainer, agent, env_id, step, task, video_dir,
-                                                     f"_member{k}" if S > 1 else "", what))
+                                                     (f"_member{k}" if S > 1 else "") + ("" if with_critic else "_n1"), what))
         finally:
             pl_module.train(was_training)
         if rank != 0:
@@ -489,19 +511,20 @@ class RolloutEvaluation(Callback):
 
         common = dict(
             task=task, env_id=env_id, backbone=actor.kind, step=int(step),
-            critic=str(self.critic_ckpt) if self.critic_ckpt is not None else None, selection=self.selection,
+            critic=str(self.critic_ckpt) if self.critic_ckpt is not None and with_critic else None, selection=self.selection,
             temperature=self.temperature, num_candidates=self.num_candidates,
             env_choice=env_note, mode=str(getattr(trainer.state.fn, "value", trainer.state.fn)),
             checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
             episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
-            max_episode_steps=self.max_episode_steps, world_size=world)
+            max_episode_steps=self.max_episode_steps, world_size=world,
+            q_weight=float(getattr(actor, "q_weight", 0.0)))
         base_seed = recorded_seed()
         lines: list[str] = []
         if S == 1:
             results = per_member[0]
             report = build_report(results, **common, train_seed=base_seed)
-            metrics = self._metrics(results)
-            lines = [self._line(step, "", r) for r in results]
+            metrics = self._metrics(results, root=root)
+            lines = [self._line(step, tag, r) for r in results]
         else:
             solo = [build_report(res, **common, train_seed=seeds[k]) for k, res in enumerate(per_member)]
             # the across-seed rows exactly as `idql-cm report` merges solo seeds (one code path, one definition)
@@ -509,13 +532,13 @@ class RolloutEvaluation(Callback):
             report = build_report(results, **common, seeds=S, seed_everything=base_seed, train_seeds=seeds,
                                   members=[{"member": k, "train_seed": seeds[k], "results": res}
                                            for k, res in enumerate(per_member)])
-            metrics = self._metrics(results)
+            metrics = self._metrics(results, root=root)
             for k, res in enumerate(per_member):
-                metrics.update(self._metrics(res, f"member_{k}/"))
-                lines += [self._line(step, f" member {k} (seed {seeds[k]})", r) for r in res]
+                metrics.update(self._metrics(res, f"member_{k}/", root=root))
+                lines += [self._line(step, f" member {k} (seed {seeds[k]}){tag}", r) for r in res]
             for r in results:
                 score = r.get("normalized_score_mean")
-                lines.append(f"RolloutEvaluation step {step} NFE {r['nfe']} over {S} seeds: "
+                lines.append(f"RolloutEvaluation step {step} NFE {r['nfe']} over {S} seeds{tag}: "
                              + (f"normalised score {score:.1f} ± {r['normalized_score_se'] or 0:.1f} (mean of the "
                                 f"members' means ± SE across members)" if score is not None else
                                 f"return {r['return_mean']}"))
@@ -527,8 +550,7 @@ class RolloutEvaluation(Callback):
         for res in per_member:
             for r in res:
                 for i, path in enumerate(r.get("videos", [])):
-                    self._log_video(trainer, path, f"eval/nfe{r['nfe']}/video{i}", int(step))
-        jpath, _ = write_report(report, log_dir)
+                    self._log_video(trainer, path, f"{root}/nfe{r['nfe']}/video{i}", int(step))
+        jpath, _ = write_report(report, log_dir, name)
         rank_zero_info(f"RolloutEvaluation: wrote {jpath}")
-        self.last_report = report
         return report

@@ -205,9 +205,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"IDQL: {report.get('num_candidates')} candidates from the {bb} behaviour policy, re-ranked by "
                      f"the IQL critic `{report.get('critic')}` ({report.get('selection')} selection, "
                      f"temperature {report.get('temperature')}).")
+    elif report.get("q_weight"):
+        lines.append(f"The critic-guided {bb} policy alone (trained with q_weight {report['q_weight']:g}): one sample "
+                     f"per state, no critic at decision time.")
     else:
         lines.append(f"Behaviour policy alone (no critic: behaviour cloning with the {bb} model, one sample per "
                      f"state).")
+    if report.get("idql") and report.get("q_weight"):
+        lines.append(f"The policy was trained with critic guidance (q_weight {report['q_weight']:g}).")
     if report.get("env_choice"):
         lines.append(f"Environment: {report['env_choice']}.")
     members = report.get("members") or []
@@ -276,13 +281,18 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, name: str =
 
 # ----------------------------------------------------------------------------------------------- multi-run
 def _column(report: dict[str, Any]) -> str:
+    """``CT``, ``CT (BC)`` (no critic), ``CT η=0.5`` (critic-guided, re-ranked), ``CT η=0.5 (N=1)`` (guided, alone)."""
     bb = (report.get("backbone") or "?").upper()
-    return bb if report.get("idql", report.get("critic") is not None) else f"{bb} (BC)"
+    idql = report.get("idql", report.get("critic") is not None)
+    q = float(report.get("q_weight") or 0.0)
+    if q > 0:
+        return f"{bb} η={q:g}" + ("" if idql else " (N=1)")
+    return bb if idql else f"{bb} (BC)"
 
 
 def _group_key(report: dict[str, Any]) -> tuple:
     return (report.get("task"), report.get("env_id"), report.get("backbone"),
-            bool(report.get("idql", report.get("critic") is not None)))
+            bool(report.get("idql", report.get("critic") is not None)), float(report.get("q_weight") or 0.0))
 
 
 def combined_table(reports: Sequence[dict[str, Any]]) -> str:

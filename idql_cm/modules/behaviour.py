@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from idql_cm.backbones import BackboneSpec, backbone, edm_from_payload
+from idql_cm.backbones import BackboneSpec, backbone, edm_from_payload, registered
 from idql_cm.checkpoint import (
     DataFacts,
     check_fits_data,
@@ -30,12 +30,13 @@ from idql_cm.diffusion.consistency import (
     ict_num_intervals,
     lognormal_index_probs,
 )
-from idql_cm.diffusion.edm import EDMDenoiser
+from idql_cm.diffusion.edm import EDMDenoiser, standard_normal
 from idql_cm.diffusion.meanflow import H_FEATURES, MeanFlowModel, meanflow_loss
 from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.fileio import file_sha256
 from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
+from idql_cm.modules.guidance import CriticGuidance, check_q_weight, guidance_loss
 from idql_cm.modules.members import member_of
 from idql_cm.nets.ema import EMAWarmup
 from idql_cm.nets.ensemble import StackedIDQLMlp, bind_rng
@@ -88,8 +89,16 @@ class BehaviourModule(IDQLModule):
         compile: bool = False,
         fused_steps: int = 1,
         num_seeds: int = 1,
+        q_weight: float = 0.0,
+        critic_ckpt: str | None = None,
     ) -> None:
+        """``q_weight`` (η, 0 = off: plain IDQL): train the one-step map against the IQL critic of ``critic_ckpt``
+        as well (:mod:`idql_cm.modules.guidance`); the CLI defaults ``critic_ckpt`` to the rollout evaluation's
+        critic. Only for a backbone whose spec has a one-step map (CT, CD, MeanFlow)."""
         super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
+        self.q_weight = check_q_weight(q_weight)
+        self.critic_ckpt = critic_ckpt
+        self.guidance: CriticGuidance | None = None  # built with the nets when q_weight > 0
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
         # ema_warmup: k-diffusion's warm-up (the EMA starts as a copy of fresh weights); False: the constant rate
@@ -100,7 +109,11 @@ class BehaviourModule(IDQLModule):
                        "x_min": -float(action_bound), "x_max": float(action_bound)}
         self.model: torch.nn.Module | None = None
         self.ema_model: torch.nn.Module | None = None
-        self.spec()  # a module without a registered backbone spec is refused before any work
+        spec = self.spec()  # a module without a registered backbone spec is refused before any work
+        if self.q_weight > 0 and spec.one_step is None:
+            raise ConfigError(f"model.q_weight: {self.q_weight} asks for critic guidance, which trains a one-step map; "
+                              f"the {spec.kind} backbone has none (its spec's one_step is None): use q_weight 0, or a "
+                              f"one-step backbone ({', '.join(s.kind for s in registered() if s.one_step)})")
 
     def spec(self) -> BackboneSpec:
         """This module's backbone (:mod:`idql_cm.backbones`), found by its ``kind``."""
@@ -121,7 +134,61 @@ class BehaviourModule(IDQLModule):
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
 
     def payload(self) -> dict[str, Any]:
-        return {"net": dict(self.net_kw), "method": dict(self.method)}
+        out = {"net": dict(self.net_kw), "method": dict(self.method)}
+        if self.guidance is not None:
+            out.update(q_weight=self.q_weight, critic_ckpt=os.path.abspath(self.guidance.path),
+                       critic_sha256=self.guidance.sha256)
+        return out
+
+    # ------------------------------------------------------------------ critic guidance
+    def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_info, device="cpu") -> None:
+        super().init_nets(obs_dim, act_dim, obs_mean, obs_std, data_info, device)
+        if self.q_weight > 0:
+            data = DataFacts(self.obs_dim, self.act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
+            self.guidance = CriticGuidance(self._critic_path(), data, self.num_seeds)
+
+    def _critic_path(self) -> str:
+        if self.critic_ckpt is None:
+            raise ConfigError(f"model.critic_ckpt: q_weight {self.q_weight} needs an IQL checkpoint of this data to "
+                              "guide by; set model.init_args.critic_ckpt (the CLI takes the rollout evaluation's "
+                              "critic_ckpt when it is unset)")
+        if not os.path.isfile(self.critic_ckpt):
+            raise ConfigError(f"model.critic_ckpt: no IQL checkpoint at {self.critic_ckpt} (train the IQL stage "
+                              "first: idql-cm fit --config configs/<task>/iql.yaml)")
+        return str(self.critic_ckpt)
+
+    def preflight(self, datamodule: TrainingData | None) -> None:
+        """A guiding critic must be an IQL checkpoint of this data, with this run's member count."""
+        if self.q_weight <= 0:
+            return
+        path = self._critic_path()
+        meta = read_checkpoint(path, expect_kind="iql", what="model.critic_ckpt")["idql_cm"]
+        held = int(meta.get("num_seeds", 1))
+        if held > 1 and held != self.num_seeds:
+            raise ConfigError(f"model.critic_ckpt: {path} holds {held} IQL members (num_seeds {held}), this run has "
+                              f"model.num_seeds: {self.num_seeds}; critic k guides member k, so train both with the "
+                              "same num_seeds (or guide with a solo critic)")
+        check_fits_datamodule(meta, datamodule, "model.critic_ckpt", path)
+
+    def frozen_nets(self) -> list[torch.nn.Module]:
+        return [] if self.guidance is None else [self.guidance.q]
+
+    def behaviour_loss(self, batch: dict[str, torch.Tensor], step: int, generator=None, stats: bool = False
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
+        """The backbone's own loss (what :meth:`loss` is without guidance), with its named scalars."""
+        raise NotImplementedError
+
+    def loss(self, batch, step, generator=None, stats=False):
+        """The behaviour loss, plus with ``q_weight`` η > 0 the guidance term ``−η·mean Q/sg(mean |Q|)`` on one-step
+        samples of the online network (noise drawn after the behaviour loss's draws, from the same generator)."""
+        loss, named = self.behaviour_loss(batch, step, generator, stats)
+        if self.guidance is None:
+            return loss, named
+        obs = batch["obs"]
+        noise = standard_normal((*obs.shape[:-1], self.act_dim), obs, generator)
+        act = self.spec().one_step(self.model, obs, noise)
+        term, q_mean = guidance_loss(self.guidance(obs, act), self.q_weight, self.num_seeds)
+        return loss + term, {**named, "behaviour_loss": loss, "guidance_q": q_mean}
 
     def trained_nets(self) -> list[torch.nn.Module]:
         return [self.model]
@@ -202,7 +269,7 @@ class EDMModule(BehaviourModule):
         return {**super().payload(), "solver": self.eval_solver, "sample_sigma_max": self.sample_sigma_max,
                 "sample_rho": self.sample_rho}
 
-    def loss(self, batch, step, generator=None, stats=False):
+    def behaviour_loss(self, batch, step, generator=None, stats=False):
         return self.model.loss(batch["act"], batch["obs"], generator=generator), {}
 
 
@@ -257,6 +324,7 @@ class CTModule(ConsistencyBehaviour):
 
     def preflight(self, datamodule: TrainingData | None) -> None:
         """An ``init_from`` checkpoint must be an EDM of this data with this run's member count."""
+        super().preflight(datamodule)
         if self.init_from is None:
             return
         meta = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")["idql_cm"]
@@ -318,7 +386,7 @@ class CTModule(ConsistencyBehaviour):
             self._grid = (n, sig, lognormal_index_probs(sig, self.P_mean, self.P_std))
         return self._grid
 
-    def loss(self, batch, step, generator=None, stats=False):
+    def behaviour_loss(self, batch, step, generator=None, stats=False):
         n, sigmas, probs = self.curriculum(step)
         loss, unweighted = ct_loss(self.model, batch["act"], batch["obs"], sigmas, probs, c=self.huber_c,
                                    generator=generator, clip_student=self.clip_student)
@@ -385,6 +453,7 @@ class CDModule(ConsistencyBehaviour):
 
     def preflight(self, datamodule: TrainingData | None) -> None:
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
+        super().preflight(datamodule)
         meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
         self._teacher_members(meta)
         check_fits_datamodule(meta, datamodule, "model.teacher_ckpt", self.teacher_ckpt)
@@ -467,9 +536,9 @@ class CDModule(ConsistencyBehaviour):
                                   f"but the checkpoint was distilled from sha256 {saved[:12]}")
 
     def frozen_nets(self) -> list[torch.nn.Module]:
-        return [self.teacher]
+        return [self.teacher, *super().frozen_nets()]
 
-    def loss(self, batch, step, generator=None, stats=False):
+    def behaviour_loss(self, batch, step, generator=None, stats=False):
         loss = cd_loss(self.model, self.target(), self.teacher, batch["act"], batch["obs"], self.distill_sigmas,
                        solver=self.solver, generator=generator, weighting=self.weighting,
                        clip_student=self.clip_student)
@@ -524,7 +593,7 @@ class MeanFlowModule(BehaviourModule):
     def payload(self):
         return {**super().payload(), "flow_share": self.flow_share}
 
-    def loss(self, batch, step, generator=None, stats=False):
+    def behaviour_loss(self, batch, step, generator=None, stats=False):
         loss, unweighted = meanflow_loss(self.model, batch["act"], batch["obs"], generator, self.flow_share,
                                          *self.t_r, self.adaptive_p, self.adaptive_c)
         return loss, {"unweighted_loss": unweighted}

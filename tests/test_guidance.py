@@ -1,0 +1,142 @@
+"""Critic guidance (``q_weight``): the loss by hand, the refusals, η = 0 bit for bit, and what it is for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from idql_cm.data.toys import RADIUS, TOYS, write_toy_dataset
+from idql_cm.modules.guidance import check_q_weight, guidance_loss
+from tests.cli_utils import CONFIGS, shrink_config
+
+
+def test_the_guidance_term_matches_a_hand_computation():
+    # Q = [1, -3]: mean Q = -1, mean |Q| = 2, so -η · mean Q / mean |Q| = 2 · 1 / 2 = 1 for η = 2
+    q = torch.tensor([[1.0], [-3.0]], requires_grad=True)
+    term, q_mean = guidance_loss(q, 2.0)
+    assert term.item() == pytest.approx(1.0) and q_mean.item() == pytest.approx(-1.0)
+    term.backward()
+    # the scale is under stop-gradient: dterm/dQ_i = -η / (B · mean |Q|) = -2 / (2 · 2)
+    assert torch.allclose(q.grad, torch.full_like(q, -0.5))
+
+
+def test_members_are_scaled_each_by_their_own_mean_abs_q():
+    q = torch.tensor([[[1.0], [3.0]], [[-10.0], [-30.0]]])  # [S=2, B=2, 1]
+    term, q_mean = guidance_loss(q, 1.0, num_members=2)
+    assert term.shape == (2,)
+    assert torch.allclose(term, torch.tensor([-1.0, 1.0])) and torch.allclose(q_mean, torch.tensor([2.0, -20.0]))
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "strong"])
+def test_a_q_weight_that_is_not_a_finite_number_at_least_zero_is_refused(bad):
+    with pytest.raises(Exception, match="model.q_weight: expected a finite number >= 0"):
+        check_q_weight(bad)
+
+
+# ----------------------------------------------------------------------------------------------- the paid toy
+#: the demo's batch, rewards as written (Q = r on this bandit) and periods that let fused_steps 8 fuse
+FAST = ["--data.reward_scale", "none", "--data.batch_size", "256", "--trainer.log_every_n_steps", "400"]
+
+@pytest.fixture(scope="module")
+def paid(tmp_path_factory):
+    """The paid toy (two modes per condition, the reward pays one) and an IQL critic of it, trained by the CLI."""
+    from idql_cm.cli import main
+
+    root = tmp_path_factory.mktemp("paid")
+    data = write_toy_dataset(root / "paid.hdf5", TOYS["paid"], transitions=6000, seed=0)
+    # 2000 steps: a critic of 800 steps still rises past the paid mode to the action bound, and the guided policy
+    # follows it out of the data at every q_weight down to 0.03 (docs/quality.md); 2000 steps peak it on the mode
+    cfg = shrink_config(CONFIGS / "demo" / "iql.yaml", root / "iql.yaml", root / "iql", str(data), steps=2000,
+                        keep_eval=False)
+    assert main(["fit", "--config", str(cfg), *FAST]) == 0
+    return data, root / "iql" / "checkpoints" / "last.ckpt", root
+
+
+def _fit(paid, stage: str, name: str, steps: int, **model_args) -> str:
+    from idql_cm.cli import main
+
+    data, _, root = paid
+    cfg = shrink_config(CONFIGS / "demo" / f"{stage}.yaml", root / f"{name}.yaml", root / name, str(data), steps=steps,
+                        keep_eval=False, model_args=model_args)
+    assert main(["fit", "--config", str(cfg), *FAST]) == 0
+    return str(root / name / "checkpoints" / "last.ckpt")
+
+
+def _paid_share(ckpt: str) -> tuple[float, float]:
+    """Share of one-sample-per-state NFE-1 actions within 0.15 of the paid mode, and within 0.15 of any mode."""
+    from idql_cm import load_actor
+
+    toy, policy, g = TOYS["paid"], load_actor(ckpt, device="cpu"), torch.Generator().manual_seed(0)
+    paid_hits, any_hits = [], []
+    for c in range(toy.obs_dim):
+        act = policy.sample(torch.from_numpy(toy.obs(c, 1000)), nfe=1, generator=g).numpy()
+        d = np.linalg.norm(act[:, None] - toy.centres(c)[None], axis=-1)
+        paid_hits.append(d[:, toy.paid[c]] < RADIUS)
+        any_hits.append(d.min(1) < RADIUS)
+    return float(np.mean(paid_hits)), float(np.mean(any_hits))
+
+
+def test_the_guided_one_step_policy_takes_the_paid_mode_and_the_unguided_one_splits(paid):
+    critic = str(paid[1])
+    plain = _paid_share(_fit(paid, "ct", "ct_plain", 800))
+    guided = _paid_share(_fit(paid, "ct", "ct_guided", 800, q_weight=1.0, critic_ckpt=critic))
+    # unguided: both modes drawn (neither below a fifth of the samples), guided: the paid one, inside the data
+    assert 0.2 < plain[0] < 0.8 and plain[1] - plain[0] > 0.2, plain
+    assert guided[0] >= 0.9, guided
+    payload = torch.load(paid[2] / "ct_guided" / "checkpoints" / "last.ckpt", weights_only=False)["idql_cm"]
+    assert payload["q_weight"] == 1.0 and payload["critic_ckpt"] == critic and len(payload["critic_sha256"]) == 64
+
+
+def test_q_weight_zero_reproduces_the_unguided_backbone_bit_for_bit(paid):
+    a = torch.load(_fit(paid, "ct", "ct_default", 16), weights_only=False)["state_dict"]
+    b = torch.load(_fit(paid, "ct", "ct_q0", 16, q_weight=0.0, critic_ckpt=str(paid[1])),
+                   weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and a guided run does change the weights (the comparison above could fail)
+    c = torch.load(_fit(paid, "ct", "ct_q1", 16, q_weight=1.0, critic_ckpt=str(paid[1])),
+                   weights_only=False)["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert not any(k.startswith("guidance") for k in c)  # the critic is not saved in the policy's checkpoint
+
+
+def test_two_members_are_guided_by_a_solo_critic(paid):
+    ckpt = _fit(paid, "meanflow", "mf_two", 16, q_weight=1.0, critic_ckpt=str(paid[1]), num_seeds=2)
+    assert torch.load(ckpt, weights_only=False)["idql_cm"]["num_seeds"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def _refusal(capsys, args: list[str]) -> str:
+    from idql_cm.cli import main
+
+    capsys.readouterr()
+    assert main(args) != 0
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("idql-cm: error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_guidance_is_refused_for_a_backbone_without_a_one_step_map(paid, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+    cfg = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", str(paid[0]),
+                        keep_eval=False)
+    line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1"])
+    assert "model.q_weight" in line and "edm backbone has none" in line
+    assert not (tmp_path / "edm").exists()
+
+
+def test_a_missing_or_wrong_guiding_critic_is_refused_before_training(paid, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", str(paid[0]),
+                        keep_eval=False)
+    line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1"])
+    assert "model.critic_ckpt" in line and "needs an IQL checkpoint" in line
+    missing = str(tmp_path / "nowhere.ckpt")
+    line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1",
+                             "--model.init_args.critic_ckpt", missing])
+    assert missing in line
+    ct = _fit(paid, "ct", "ct_for_refusal", 2)
+    line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1",
+                             "--model.init_args.critic_ckpt", ct])
+    assert "model.critic_ckpt" in line and "iql" in line
+    assert not (tmp_path / "ct" / "checkpoints").exists()
