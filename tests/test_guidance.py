@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,21 @@ def test_the_guided_one_step_policy_takes_the_paid_mode_and_the_unguided_one_spl
     payload = torch.load(paid[2] / "ct_guided" / "checkpoints" / "last.ckpt", weights_only=False)["idql_cm"]
     assert payload["q_weight"] == 1.0 and payload["critic_ckpt"] == critic and len(payload["critic_sha256"]) == 64
 
+    # exported without a critic: one candidate, no critic at decision time, the same actions (real onnxruntime)
+    from idql_cm import load_actor, load_exported
+    from idql_cm.cli import main
+
+    out = paid[2] / "guided.onnx"
+    assert main(["export", "--actor", str(paid[2] / "ct_guided" / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
+    exported = load_exported(out)
+    assert exported.metadata["candidates"] == 1 and exported.metadata["q_weight"] == 1.0
+    assert exported.metadata["critic_ckpt"] is None
+    obs = TOYS["paid"].obs(0, 4)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 1, 2)).astype(np.float32)
+    want = load_actor(str(paid[2] / "ct_guided" / "checkpoints" / "last.ckpt"), device="cpu").sample(
+        obs, nfe=1, noise=noise[:, :, 0])
+    assert np.abs(exported.act(obs, noise=noise) - want).max() <= 1e-4
+
 
 def test_q_weight_zero_reproduces_the_unguided_backbone_bit_for_bit(paid):
     a = torch.load(_fit(paid, "ct", "ct_default", 16), weights_only=False)["state_dict"]
@@ -140,3 +157,29 @@ def test_a_missing_or_wrong_guiding_critic_is_refused_before_training(paid, tmp_
                              "--model.init_args.critic_ckpt", ct])
     assert "model.critic_ckpt" in line and "iql" in line
     assert not (tmp_path / "ct" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def test_a_guided_policy_is_evaluated_alone_and_re_ranked_and_reported_as_such(tmp_path, capsys):
+    from idql_cm.cli import main
+    from idql_cm.data.synthetic import write_d4rl_file
+
+    data = str(write_d4rl_file(tmp_path / "cheetah.hdf5", n_episodes=2, episode_len=40, env_id="HalfCheetah-v5"))
+    iql = shrink_config(CONFIGS / "demo" / "iql.yaml", tmp_path / "iql.yaml", tmp_path / "iql", data, steps=2)
+    assert main(["fit", "--config", str(iql)]) == 0
+    critic = str(tmp_path / "iql" / "checkpoints" / "last.ckpt")
+    ct = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", data, steps=2,
+                       eval_args={"nfe": [1], "critic_ckpt": critic})
+    # no model.critic_ckpt: the guided policy takes the evaluation's critic
+    assert main(["fit", "--config", str(ct), "--model.init_args.q_weight", "0.5", "--eval.one_candidate", "true"]) == 0
+    ranked = json.loads((tmp_path / "ct" / "eval_report.json").read_text())
+    alone = json.loads((tmp_path / "ct" / "eval_report_n1.json").read_text())
+    assert ranked["q_weight"] == alone["q_weight"] == 0.5
+    assert ranked["idql"] and ranked["num_candidates"] == 4
+    assert not alone["idql"] and alone["num_candidates"] is None and alone["critic"] is None
+    payload = torch.load(tmp_path / "ct" / "checkpoints" / "last.ckpt", weights_only=False)["idql_cm"]
+    assert payload["critic_ckpt"] == critic
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "ct")]) == 0
+    table = capsys.readouterr().out
+    assert "CT η=0.5 (N=1)" in table and "CT η=0.5 " in table.replace("CT η=0.5 (N=1)", "")

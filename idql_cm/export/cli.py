@@ -20,9 +20,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                     "normaliser, N candidates from the EMA behaviour policy at exactly K network evaluations, "
                     "the IQL critic's advantage and the selection. --inspect FILE prints an exported file's "
                     "metadata.")
-    p.add_argument("--actor", metavar="CKPT", help="EDM, CD or CT checkpoint (its EMA behaviour policy)")
+    p.add_argument("--actor", metavar="CKPT", help="a behaviour checkpoint: EDM, CT, CD, MeanFlow or your own backbone (its EMA policy)")
     p.add_argument("--critic", metavar="CKPT", default=None,
-                   help="IQL checkpoint of the same data; without it the behaviour policy alone is exported")
+                   help="IQL checkpoint of the same data; without it the behaviour policy alone is exported "
+                        "(one candidate: how a critic-guided policy, q_weight > 0, acts)")
     p.add_argument("--nfe", type=int, default=1, help="network evaluations per candidate (default 1)")
     p.add_argument("--candidates", type=int, default=256, help="candidates per state (default 256)")
     p.add_argument("--temperature", type=float, default=100.0, help="T of softmax(T * advantage) (default 100)")

@@ -174,6 +174,7 @@ def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: st
         "temperature": (agent.temperature if math.isfinite(agent.temperature) else "inf") if idql else None,
         "selection": agent.selection if idql else "none (behaviour policy alone)",
         "softmax_draw": agent.draws_selection,  # whether u is used
+        "q_weight": float(getattr(actor, "q_weight", 0.0)),  # η of the critic guidance it was trained with (0: none)
         "task": actor.task,
         "env_id": actor.env_id,
         "actor_ckpt": os.path.abspath(actor_ckpt),
