@@ -7,13 +7,14 @@ TASK   ?= halfcheetah-medium-v2
 SEED   ?= 0
 SEEDS  ?= 1
 
-.PHONY: install demo test test-fast lint bench quality quality-ablate pipeline report clean help
+.PHONY: install demo test test-fast lint bench quality quality-ablate quality-guidance pipeline report clean help
 
 help:
 	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL, EDM, CD, CT and MeanFlow on CPU, evaluate, report"
 	@echo "make test      - run the test suite"
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
 	@echo "make quality   - generative-policy quality on known toys + a medium-expert analogue (CPU, ~15 min)"
+	@echo "make quality-guidance - critic-guided one-step policies (q_weight) on the paid toy and the medium-expert analogue (CPU, ~70 min)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEEDS=5 - the same, every stage a 5-member ensemble (seeds SEED..SEED+4)"
 
@@ -39,6 +40,9 @@ bench: $(STAMP)
 
 quality: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality
+
+quality-guidance: $(STAMP)
+	@$(BIN)/python -m benchmarks.quality_guidance --out results/quality
 
 quality-ablate: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality --part toys --ablate

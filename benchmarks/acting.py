@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any
@@ -60,8 +61,28 @@ def bench_action(cfg: dict[str, Any], log=print) -> dict[str, Any]:
                 times.append(time.perf_counter() - t0)
             assert a.shape == (cfg["action_envs"], ACT_DIM)
             out[kind][f"nfe{nfe}"] = 1e3 * statistics.median(times)
-        log(f"  {kind:4s} " + "  ".join(f"NFE {n}: {out[kind][f'nfe{n}']:8.2f} ms" for n in NFES))
+        # the same decision by a critic-guided policy (q_weight > 0): one sample, no critic (its N = 1 agent)
+        g = torch.Generator(device=dev).manual_seed(0)
+        times = _timed(functools.partial(actor.sample, obs, 1, generator=g), sync, cfg, dev)
+        out[kind]["alone_nfe1"] = 1e3 * statistics.median(times)
+        log(f"  {kind:4s} " + "  ".join(f"NFE {n}: {out[kind][f'nfe{n}']:8.2f} ms" for n in NFES)
+            + f"  one candidate, no critic, NFE 1: {out[kind]['alone_nfe1']:6.2f} ms")
     return out
+
+
+def _timed(call, sync, cfg: dict[str, Any], dev: torch.device) -> list[float]:
+    with torch.inference_mode():
+        for _ in range(3 if dev.type == "cuda" else 1):
+            call()
+        times: list[float] = []
+        t_all = time.perf_counter()
+        while len(times) < cfg["action_min_calls"] or time.perf_counter() - t_all < cfg["action_min_seconds"]:
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def bench_eval(cfg: dict[str, Any], log=print) -> dict[str, Any]:

@@ -54,9 +54,12 @@ def table(res: dict[str, Any]) -> str:
     if ac:
         s = res["settings"]
         lines += [f"| IDQL action selection, {s['action_envs']} states × {s['action_candidates']} candidates "
-                  "(ms/call) | NFE 1 | NFE 2 | NFE 4 |", "| --- | ---: | ---: | ---: |"]
+                  "(ms/call) | NFE 1 | NFE 2 | NFE 4 | one candidate, no critic, NFE 1 (a guided policy) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         for k in ACTOR_KINDS:
-            lines.append(f"| {k.upper()} | " + " | ".join(f"{ac[k][f'nfe{n}']:.1f}" for n in NFES) + " |")
+            alone = ac[k].get("alone_nfe1")
+            lines.append(f"| {k.upper()} | " + " | ".join(f"{ac[k][f'nfe{n}']:.1f}" for n in NFES)
+                         + (f" | {alone:.2f} |" if alone is not None else " | — |"))
         lines.append("")
     if "eval_env_steps_per_s" in res:
         s = res["settings"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Writes configs/<task>/{iql,edm,cd,ct}.yaml for the nine D4RL locomotion tasks.
+"""Writes configs/<task>/{iql,edm,cd,ct,meanflow,guided}.yaml for the nine D4RL locomotion tasks.
 
 The configs are committed; this script is how they were made, so the nine tasks cannot drift apart.
 Run it after changing a default here: `python scripts/make_configs.py`.
@@ -153,6 +153,36 @@ TITLES = {"iql": "IQL critic (twin Q, target Q, V)", "edm": "EDM behaviour polic
 STEPS = {"iql": 1_000_000, "edm": 1_000_000, "cd": 200_000, "ct": 1_000_000, "meanflow": 1_000_000}
 
 
+# Critic guidance (guided.yaml): η (q_weight) per dataset, from the literature's ranges in the scale-free form
+# −η·Q/mean|Q| (CPQL: η 1 on halfcheetah-medium-expert, 2 on -medium; DTQL's trust-region weight 50 / 1 / 5 on
+# medium-expert / medium / medium-replay, i.e. η ≈ 0.02 / 1 / 0.2): the strongest behaviour anchor on medium-expert.
+# Not yet measured on D4RL.
+Q_WEIGHT = {"medium-expert": 0.1, "medium": 1.0, "medium-replay": 0.3}
+GUIDED = "ct"  # the backbone guided.yaml guides (docs/quality.md: the guided CT on the medium-expert analogue)
+
+GUIDED_HEADER = """\
+# Critic-guided one-step policy: {title}, trained with q_weight {q_weight} against the IQL stage's critic.
+# Stage guided of the pipeline for {task} ({steps} steps, batch 256), run after iql{after}:
+#        idql-cm fit --config configs/{task}/guided.yaml
+# q_weight is the literature's range for {ds} data (scripts/make_configs.py), NOT YET MEASURED ON D4RL.
+# Evaluated alone (one candidate, no critic: eval_report_n1) and with IDQL re-ranking (eval_report).
+"""
+
+
+def guided_config(task: str, ds: str, temp: float) -> str:
+    stage, steps = GUIDED, STEPS[GUIDED]
+    text = GUIDED_HEADER.format(title=TITLES[stage], q_weight=Q_WEIGHT[ds], task=task, steps=steps, ds=ds,
+                                after=" and edm" if stage == "cd" else "")
+    text += TRAINER.format(steps=steps, task=task, stage="guided", ckpt_every=steps // 5)
+    text += EVAL.format(temperature=temp).replace(
+        "        every_n_steps: 0", "        one_candidate: true         # also evaluated alone: one sample per state, no critic\n"
+                                    "        every_n_steps: 0")
+    text += MODELS[stage].replace("  init_args:\n", f"  init_args:\n    q_weight: {Q_WEIGHT[ds]:<20}"
+                                  "# critic guidance η; the critic: the evaluation's critic_ckpt\n", 1)
+    text += DATA.format(task=task, reward_scale="iql_locomotion")
+    return text
+
+
 def main() -> None:
     for (env, ds), temp in TEMPERATURE.items():
         task = f"{env}-{ds}-v2"
@@ -166,7 +196,8 @@ def main() -> None:
             text += MODELS[stage]
             text += DATA.format(task=task, reward_scale="iql_locomotion")
             (out / f"{stage}.yaml").write_text(text)
-    print(f"wrote {len(TEMPERATURE) * len(STEPS)} configs under {ROOT}")
+        (out / "guided.yaml").write_text(guided_config(task, ds, temp))
+    print(f"wrote {len(TEMPERATURE) * (len(STEPS) + 1)} configs under {ROOT}")
 
 
 if __name__ == "__main__":

@@ -17,23 +17,32 @@ from tests.cli_utils import CONFIGS, shrink_config
 SHAPES = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
 TASK_DIRS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "demo")
 STAGES = ("iql", *builtin_kinds())
+#: a task's critic-guided stage (scripts/make_configs.py: GUIDED) and the backbone it guides
+GUIDED = ("guided", "ct")
 
 
 def test_every_task_and_the_demo_have_a_config_per_stage():
     assert len(TASK_DIRS) == 9
     expected = sorted(["iql.yaml", *(backbone(k).config for k in builtin_kinds())])
     for folder in [*TASK_DIRS, "demo"]:
-        assert sorted(p.name for p in (CONFIGS / folder).glob("*.yaml")) == expected, folder
+        extra = [] if folder == "demo" else ["guided.yaml"]
+        assert sorted(p.name for p in (CONFIGS / folder).glob("*.yaml")) == sorted(expected + extra), folder
+
+
+def _kind(stage: str) -> str:
+    return GUIDED[1] if stage == GUIDED[0] else stage
 
 
 def _train_all_stages(cfg_dir: Path, tmp: Path, dataset: str, steps: int = 2) -> Path:
     out = tmp / "run"
-    for stage in STAGES:
+    for stage in STAGES if cfg_dir.name == "demo" else (*STAGES, GUIDED[0]):
         cfg = shrink_config(cfg_dir / f"{stage}.yaml", tmp / f"{stage}.yaml", out / stage, dataset, steps=steps)
         assert main(["fit", "--config", str(cfg)]) == 0, f"{cfg_dir.name}/{stage}.yaml failed"
         ckpt = torch.load(out / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["global_step"] == steps
-        assert ckpt["idql_cm"]["kind"] == stage
+        assert ckpt["idql_cm"]["kind"] == _kind(stage)
+        if stage == GUIDED[0]:  # guided by the IQL stage beside it, as its evaluation's critic
+            assert ckpt["idql_cm"]["q_weight"] > 0 and ckpt["idql_cm"]["critic_ckpt"].endswith("iql/checkpoints/last.ckpt")
     return out
 
 
@@ -54,13 +63,13 @@ def test_task_configs_instantiate(task, tmp_path):
     obs_dim, act_dim = SHAPES[task.split("-")[0]]
     data = write_d4rl_file(tmp_path / "synthetic.hdf5", n_episodes=2, episode_len=20, obs_dim=obs_dim,
                            act_dim=act_dim)
-    for stage in STAGES:
+    for stage in (*STAGES, GUIDED[0]):
         # a distilled stage's teacher is read when the fit starts, not here: any existing file stands in for it
-        teacher = {"teacher_ckpt": str(data)} if backbone_needs(stage) else None
+        teacher = {"teacher_ckpt": str(data)} if backbone_needs(_kind(stage)) else None
         cfg = shrink_config(CONFIGS / task / f"{stage}.yaml", tmp_path / f"{stage}.yaml", tmp_path / "run" / stage,
                             str(data), steps=2, model_args=teacher)
         cli = build_cli(["--config", str(cfg)], run=False)
-        assert cli.model.kind == stage and cli.trainer.max_steps == 2
+        assert cli.model.kind == _kind(stage) and cli.trainer.max_steps == 2
 
 
 @pytest.mark.slow
@@ -97,7 +106,8 @@ def test_actor_configs_set_their_optimiser_explicitly(path):
     assert args.get("optimizer") == "adam" and args.get("weight_decay") == 0.0, path
 
 
-@pytest.mark.parametrize("path", [p for p in ACTOR_CONFIGS if p.stem == "ct"], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", [p for p in ACTOR_CONFIGS if p.stem in ("ct", "guided")],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ct_time_embedding_sees_the_noise_level(path):
     """CT's Fourier features of c_noise = ¼·ln σ must vary over [σ_min, σ_max]: the phase span at 3 std of the
     frequencies is 1.0 rad at the reference's scale 0.02 (the net can hardly tell σ = 0.002 from 80); on the toys,

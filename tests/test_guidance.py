@@ -183,3 +183,23 @@ def test_a_guided_policy_is_evaluated_alone_and_re_ranked_and_reported_as_such(t
     assert main(["report", str(tmp_path / "ct")]) == 0
     table = capsys.readouterr().out
     assert "CT η=0.5 (N=1)" in table and "CT η=0.5 " in table.replace("CT η=0.5 (N=1)", "")
+
+
+def test_a_guided_fine_tuning_stage_starts_from_a_trained_policy_of_its_backbone(paid, tmp_path, capsys, monkeypatch):
+    """``init_from`` a trained MeanFlow: with lr 0 the online and EMA networks stay the source's EMA network; the
+    checkpoint records the source; another backbone's checkpoint is refused in one line before any work."""
+    src = _fit(paid, "meanflow", "mf_source", 16)
+    tuned = _fit(paid, "meanflow", "mf_tuned", 8, init_from=src, q_weight=1.0, critic_ckpt=str(paid[1]), lr=0.0)
+    a = torch.load(src, weights_only=False)
+    b = torch.load(tuned, weights_only=False)
+    for name in ("model", "ema_model"):
+        keys = [k for k in b["state_dict"] if k.startswith(f"{name}.net.")]
+        assert keys and all(torch.equal(b["state_dict"][k], a["state_dict"][f"ema_model.net.{k[len(name) + 5:]}"])
+                            for k in keys)
+    assert b["idql_cm"]["init_from"] == src and b["idql_cm"]["q_weight"] == 1.0
+    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+    cfg = shrink_config(CONFIGS / "demo" / "meanflow.yaml", tmp_path / "mf.yaml", tmp_path / "mf", str(paid[0]),
+                        keep_eval=False, model_args={"init_from": str(paid[1])})
+    line = _refusal(capsys, ["fit", "--config", str(cfg)])
+    assert "model.init_from" in line and "'meanflow'" in line and "'iql'" in line
+    assert not (tmp_path / "mf" / "checkpoints").exists()

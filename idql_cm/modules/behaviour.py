@@ -91,13 +91,21 @@ class BehaviourModule(IDQLModule):
         num_seeds: int = 1,
         q_weight: float = 0.0,
         critic_ckpt: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         """``q_weight`` (η, 0 = off: plain IDQL): train the one-step map against the IQL critic of ``critic_ckpt``
         as well (:mod:`idql_cm.modules.guidance`); the CLI defaults ``critic_ckpt`` to the rollout evaluation's
-        critic. Only for a backbone whose spec has a one-step map (CT, CD, MeanFlow)."""
+        critic. Only for a backbone whose spec has a one-step map (CT, CD, MeanFlow).
+
+        ``init_from``: a checkpoint of the same data to start from instead of random weights, of a kind in
+        :meth:`init_kinds` (this backbone's own: a fine-tuning stage, e.g. guidance added to a trained policy; CT
+        also takes an EDM). The online and EMA networks start as its EMA network, whose architecture they take
+        (``net`` here is then not used); with ``num_seeds: S`` it must hold S members (member k from member k)."""
         super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
         self.q_weight = check_q_weight(q_weight)
         self.critic_ckpt = critic_ckpt
+        self.init_from = init_from
+        self.init_sha256: str | None = None
         self.guidance: CriticGuidance | None = None  # built with the nets when q_weight > 0
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
@@ -129,16 +137,66 @@ class BehaviourModule(IDQLModule):
     member_nets = ("model", "ema_model")
 
     def build(self, obs_dim: int, act_dim: int) -> None:
+        if self.init_from is not None:
+            self._build_from_init(obs_dim, act_dim)
+            return
         self.net_kw = self.default_net()
-        self.model = self.wrap(IDQLMlp(obs_dim, act_dim, **self.net_kw))
+        self.model = self.wrap(IDQLMlp(self.net_obs_dim(obs_dim), act_dim, **self.net_kw))
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def net_obs_dim(self, obs_dim: int) -> int:
+        """The width of the net's condition input for ``obs_dim`` observations (MeanFlow appends its interval)."""
+        return obs_dim
+
+    def build_members(self, obs_dim: int, act_dim: int) -> None:
+        if self.init_from is None:
+            super().build_members(obs_dim, act_dim)
+        else:
+            self.build(obs_dim, act_dim)  # member k starts from the init checkpoint's member k
 
     def payload(self) -> dict[str, Any]:
         out = {"net": dict(self.net_kw), "method": dict(self.method)}
         if self.guidance is not None:
             out.update(q_weight=self.q_weight, critic_ckpt=os.path.abspath(self.guidance.path),
                        critic_sha256=self.guidance.sha256)
+        if self.init_from is not None:
+            out.update(init_from=os.path.abspath(self.init_from), init_sha256=self.init_sha256)
         return out
+
+    # ------------------------------------------------------------------ init_from
+    def init_kinds(self) -> tuple[str, ...]:
+        """The kinds an ``init_from`` checkpoint may be: this backbone's own."""
+        return (self.kind,)
+
+    def _init_checkpoint(self, data: DataFacts | None = None) -> dict[str, Any]:
+        """The ``init_from`` checkpoint, checked: its kind, its member count, and (given ``data``) its data."""
+        ckpt = read_checkpoint(self.init_from, expect_kind=self.init_kinds(), what="model.init_from")
+        meta = ckpt["idql_cm"]
+        held = int(meta.get("num_seeds", 1))
+        if held != self.num_seeds:
+            raise ConfigError(f"model.init_from: {self.init_from} holds {held} member(s) (num_seeds {held}), this "
+                              f"{self.kind} run has model.num_seeds: {self.num_seeds}; start from a run with "
+                              f"num_seeds: {self.num_seeds}")
+        if data is not None:
+            check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
+        return ckpt
+
+    def _build_from_init(self, obs_dim: int, act_dim: int) -> None:
+        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
+        ckpt = self._init_checkpoint(data)
+        self.net_kw = net_kwargs(ckpt["idql_cm"]["net"])
+        S, width = self.num_seeds, self.net_obs_dim(obs_dim)
+        net = IDQLMlp(width, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, width, act_dim, **self.net_kw)
+        if S > 1:
+            bind_rng(net, self.rng)
+        self.model = self.wrap(net)
+        self._load_init_weights(ckpt["state_dict"])
+
+    def _load_init_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Online and EMA networks <- the init checkpoint's EMA network."""
+        self.model.net.load_state_dict(state_prefix(state, "ema_model.net."))
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.init_sha256 = file_sha256(self.init_from)
 
     # ------------------------------------------------------------------ critic guidance
     def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_info, device="cpu") -> None:
@@ -158,7 +216,10 @@ class BehaviourModule(IDQLModule):
         return str(self.critic_ckpt)
 
     def preflight(self, datamodule: TrainingData | None) -> None:
-        """A guiding critic must be an IQL checkpoint of this data, with this run's member count."""
+        """An ``init_from`` checkpoint and a guiding critic must be of this data, with this run's member count."""
+        if self.init_from is not None:
+            meta = self._init_checkpoint()["idql_cm"]
+            check_fits_datamodule(meta, datamodule, "model.init_from", self.init_from)
         if self.q_weight <= 0:
             return
         path = self._critic_path()
@@ -307,67 +368,18 @@ class CTModule(ConsistencyBehaviour):
     kind = "ct"
 
     def __init__(self, s0: int = 10, s1: int = 1280, total_steps: int | None = None, P_mean: float = -1.1,
-                 P_std: float = 2.0, huber_c: float | None = None, fourier_scale: float = 0.02,
-                 init_from: str | None = None, **kwargs: Any) -> None:
-        """``init_from``: an EDM checkpoint of the same data to start from (ECT, Geng et al. 2024: consistency
-        training started from a trained diffusion model): the online and EMA networks start as the EDM's EMA
-        network, whose architecture (``net``, its Fourier scale included) they take; ``net`` and ``fourier_scale``
-        here are then not used. With ``num_seeds: S`` the EDM run must hold S members (member k from member k). The
-        curriculum (``s0`` → ``s1``) then shrinks the consistency gap from a denoiser rather than from noise."""
+                 P_std: float = 2.0, huber_c: float | None = None, fourier_scale: float = 0.02, **kwargs: Any) -> None:
+        """``init_from`` may also be an EDM checkpoint of the same data (ECT, Geng et al. 2024: consistency training
+        started from a trained diffusion model): the curriculum (``s0`` → ``s1``) then shrinks the consistency gap
+        from a denoiser rather than from noise."""
         super().__init__(**kwargs)
         self.s0, self.s1, self.curriculum_total = s0, s1, total_steps
         self.P_mean, self.P_std, self.huber_c, self.fourier_scale = P_mean, P_std, huber_c, fourier_scale
-        self.init_from = init_from
-        self.init_sha256: str | None = None
         self._grid: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.save_hyperparameters()
 
-    def preflight(self, datamodule: TrainingData | None) -> None:
-        """An ``init_from`` checkpoint must be an EDM of this data with this run's member count."""
-        super().preflight(datamodule)
-        if self.init_from is None:
-            return
-        meta = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")["idql_cm"]
-        self._check_init_members(meta)
-        check_fits_datamodule(meta, datamodule, "model.init_from", self.init_from)
-
-    def _check_init_members(self, meta: dict[str, Any]) -> None:
-        held = int(meta.get("num_seeds", 1))
-        if held != self.num_seeds:
-            raise ConfigError(f"model.init_from: {self.init_from} holds {held} member(s) (num_seeds {held}), this CT "
-                              f"run has model.num_seeds: {self.num_seeds}; start from an EDM run with num_seeds: "
-                              f"{self.num_seeds}")
-
-    def build_members(self, obs_dim: int, act_dim: int) -> None:
-        if self.init_from is None:
-            super().build_members(obs_dim, act_dim)
-        else:
-            self.build(obs_dim, act_dim)  # no random draws: member k starts from the EDM's member k
-
-    def build(self, obs_dim: int, act_dim: int) -> None:
-        if self.init_from is None:
-            super().build(obs_dim, act_dim)
-            return
-        ckpt = read_checkpoint(self.init_from, expect_kind="edm", what="model.init_from")
-        meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
-        check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
-        self._check_init_members(meta)
-        self.net_kw = net_kwargs(meta["net"])
-        S = self.num_seeds
-        net = IDQLMlp(obs_dim, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, obs_dim, act_dim, **self.net_kw)
-        if S > 1:
-            bind_rng(net, self.rng)
-        self.model = self.wrap(net)
-        self.model.net.load_state_dict(state_prefix(state, "ema_model.net."))
-        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.init_sha256 = file_sha256(self.init_from)
-
-    def payload(self):
-        out = super().payload()
-        if self.init_from is not None:
-            out.update(init_from=os.path.abspath(self.init_from), init_sha256=self.init_sha256)
-        return out
+    def init_kinds(self) -> tuple[str, ...]:
+        return ("edm", self.kind)
 
     def default_net(self):
         # iCT recommends Fourier scale 0.02 instead of EDM's 16 (the reference tutorial does the same).
@@ -500,6 +512,12 @@ class CDModule(ConsistencyBehaviour):
         self.model.net.load_state_dict(state_prefix(state, "model.net."))
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.ema_model.net.load_state_dict(state_prefix(state, "ema_model.net."))
+        if self.init_from is not None:  # a fine-tuning stage: start from a trained CD instead of the teacher
+            init = self._init_checkpoint(data)
+            if net_kwargs(init["idql_cm"]["net"]) != self.net_kw:
+                raise ConfigError(f"model.init_from: {self.init_from} has net {init['idql_cm']['net']}, this CD run's "
+                                  f"is {self.net_kw}; start from a CD of the same architecture")
+            self._load_init_weights(init["state_dict"])
         if self.target_ema is not None:
             self.target_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.teacher_sha256 = file_sha256(self.teacher_ckpt)
@@ -581,11 +599,9 @@ class MeanFlowModule(BehaviourModule):
     def default_net(self):
         return net_kwargs(self.net_cfg, fourier_scale=self.fourier_scale)
 
-    def build(self, obs_dim: int, act_dim: int) -> None:
-        self.net_kw = self.default_net()
+    def net_obs_dim(self, obs_dim: int) -> int:
         # the condition is [obs, features of t − r]: the interval length is the second time input
-        self.model = self.wrap(IDQLMlp(obs_dim + H_FEATURES, act_dim, **self.net_kw))
-        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        return obs_dim + H_FEATURES
 
     def wrap(self, net):
         return MeanFlowModel(net, self.method["x_min"], self.method["x_max"])
