@@ -41,7 +41,9 @@ RUNTIMES = ("onnxruntime", "torchscript", "eager")
 
 def two_step_config(src: Path, dst: Path, root: Path, dataset: str) -> Path:
     """A shipped config trained for 2 steps on ``dataset`` under ``root``: no evaluation, no progress bar."""
-    cfg = yaml.safe_load(src.read_text())
+    from idql_cm.cli import compose_config
+
+    cfg = compose_config(src)
     cfg["trainer"].update(max_steps=2, default_root_dir=str(root), log_every_n_steps=1, enable_progress_bar=False)
     callbacks = []
     for cb in cfg["trainer"].get("callbacks", []):

@@ -38,6 +38,7 @@ import numpy as np
 import yaml
 
 from idql_cm.backbones import backbone, builtin_kinds
+from idql_cm.cli import compose_config
 from idql_cm.fileio import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def stage_config(stage: str, dataset: Path, seed: int, overrides: dict[str, Any]
     """``configs/demo/<stage>.yaml`` pointed at ``dataset``; no progress bar (parallel jobs share the
     terminal); without ``evaluate`` no rollout callback (a toy has no environment). ``overrides`` are
     ``{"<stage>.<dotted key>" or "<dotted key>": value}``; ``eval.<arg>`` sets a RolloutEvaluation argument."""
-    cfg = yaml.safe_load((DEMO / f"{stage}.yaml").read_text())
+    cfg = compose_config(DEMO / f"{stage}.yaml")
     cfg["seed_everything"] = seed
     cfg["trainer"]["default_root_dir"] = ""  # fit_job sets the folder
     cfg["trainer"]["enable_progress_bar"] = False

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from idql_cm.errors import ConfigError, IDQLError
@@ -335,6 +336,45 @@ def _apply_eval_arguments(cfg) -> None:
     for cb in callbacks:
         for key, value in given.items():
             setattr(cb.init_args, key, value)
+
+
+def compose_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file as ``idql-cm fit --config`` reads it, as one plain dict: the files its ``config:`` key names
+    (a base, relative to the file; recursively) merged under it (mappings merge key by key, anything else
+    replaces), and its ``eval:`` settings written into its RolloutEvaluation callback. For scripts and tests that
+    edit a shipped config before running it."""
+    import yaml
+
+    def merged(base: Any, top: Any) -> Any:
+        if isinstance(base, dict) and isinstance(top, dict):
+            return {**base, **{k: merged(base.get(k), v) for k, v in top.items()}}
+        return top
+
+    def read(p: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+        if p in seen:
+            raise ConfigError(f"--config: {p} includes itself (config: keys {' -> '.join(map(str, seen))})")
+        try:
+            cfg = yaml.safe_load(p.read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {p} ({e.strerror or e})") from e
+        bases = cfg.pop("config", None) or []
+        for key in [k for k in cfg if "." in k]:  # a dotted key sets one value (as on the command line)
+            *head, last = key.split(".")
+            node = cfg
+            for part in head:
+                node = node.setdefault(part, {})
+            node[last] = cfg.pop(key)
+        out: dict[str, Any] = {}
+        for b in [bases] if isinstance(bases, str) else bases:
+            out = merged(out, read((p.parent / b).resolve(), (*seen, p)))
+        return merged(out, cfg)
+
+    cfg = read(Path(path).resolve(), ())
+    ev = cfg.pop("eval", None) or {}
+    for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
+        if cb.get("class_path") == EVAL_CALLBACK:
+            cb.setdefault("init_args", {}).update(ev)
+    return cfg
 
 
 def _get(cfg, dotted: str):

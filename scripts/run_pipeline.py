@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from idql_cm.cli import compose_config
+
 REPO = Path(__file__).resolve().parents[1]
 CRITIC = "iql"
 DEMO_DATA = "data/demo_halfcheetah.hdf5"
@@ -64,7 +66,7 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
 
 
 def stage_config(base: Path, stage: str, root: Path, seed: int, overrides: dict[str, Any], seeds: int = 1) -> dict:
-    cfg = yaml.safe_load(base.read_text())
+    cfg = compose_config(base)  # a task's file and its base (configs/base/<stage>.yaml) as one config
     cfg["seed_everything"] = seed
     if seeds > 1:
         cfg["model"].setdefault("init_args", {})["num_seeds"] = seeds

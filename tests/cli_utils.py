@@ -23,8 +23,11 @@ def run_cli_subprocess(args: list[str], cwd: Path | None = None, env: dict | Non
 
 def shrink_config(src: Path, dst: Path, root: Path, dataset: str, steps: int = 2, eval_args: dict | None = None,
                   model_args: dict | None = None, keep_eval: bool = True) -> Path:
-    """Copy a shipped config with tiny step counts, a tmp root, a given dataset and small evaluation."""
-    cfg = yaml.safe_load(src.read_text())
+    """Copy a shipped config (composed with its base, as the CLI reads it) with tiny step counts, a tmp root, a given
+    dataset and small evaluation."""
+    from idql_cm.cli import compose_config
+
+    cfg = compose_config(src)
     cfg["trainer"]["max_steps"] = steps
     cfg["trainer"]["default_root_dir"] = str(root)
     cfg["trainer"]["log_every_n_steps"] = 1

@@ -90,4 +90,4 @@ class DeferFiniteCheck(pl.Callback):
     synchronous, but the bookkeeping is the same)."""
 
     def setup(self, trainer, pl_module, stage) -> None:
-        pl_module._defer_finite_check = True
+        pl_module.guard.defer = True

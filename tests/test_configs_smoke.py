@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from idql_cm.backbones import backbone, builtin_kinds
-from idql_cm.cli import main
+from idql_cm.cli import compose_config, main
 from idql_cm.data.synthetic import write_d4rl_file
 from tests.cli_utils import CONFIGS, shrink_config
 
 SHAPES = {"halfcheetah": (17, 6), "hopper": (11, 3), "walker2d": (17, 6)}
-TASK_DIRS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name != "demo")
+TASK_DIRS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("demo", "base"))
 STAGES = ("iql", *builtin_kinds())
-#: a task's critic-guided stage (scripts/make_configs.py: GUIDED) and the backbone it guides
+#: a task's critic-guided stage and the backbone it guides (its base: configs/base/ct.yaml)
 GUIDED = ("guided", "ct")
 
 
@@ -27,6 +27,27 @@ def test_every_task_and_the_demo_have_a_config_per_stage():
     for folder in [*TASK_DIRS, "demo"]:
         extra = [] if folder == "demo" else ["guided.yaml"]
         assert sorted(p.name for p in (CONFIGS / folder).glob("*.yaml")) == sorted(expected + extra), folder
+
+
+def test_task_configs_are_their_base_plus_the_task_s_own_lines():
+    """configs/<task>/<stage>.yaml names configs/base/<backbone>.yaml and sets only what differs by task (its data,
+    its folder, its temperature; the guided stage also q_weight and one_candidate): a change to a base reaches the
+    nine tasks, and the composed config is the base with those values."""
+    import yaml
+
+    for task in TASK_DIRS:
+        for path in sorted((CONFIGS / task).glob("*.yaml")):
+            raw = yaml.safe_load(path.read_text())
+            assert raw["config"] == f"../base/{_kind(path.stem)}.yaml", path
+            allowed = {"config", "trainer.default_root_dir", "data.dataset", "eval.temperature"}
+            if path.stem == GUIDED[0]:
+                allowed |= {"eval.one_candidate", "model.init_args.q_weight"}
+            assert set(raw) <= allowed and {"data.dataset", "trainer.default_root_dir"} <= set(raw), path
+            composed, base = compose_config(path), compose_config(CONFIGS / "base" / f"{_kind(path.stem)}.yaml")
+            assert composed["data"]["dataset"] == task and composed["model"]["class_path"] == base["model"]["class_path"]
+            assert composed["trainer"]["max_steps"] == base["trainer"]["max_steps"]
+            ev = [cb for cb in composed["trainer"]["callbacks"] if cb["class_path"].endswith("RolloutEvaluation")]
+            assert (ev[0]["init_args"]["temperature"] == raw["eval.temperature"]) if ev else path.stem == "iql"
 
 
 def _kind(stage: str) -> str:
@@ -48,7 +69,7 @@ def _train_all_stages(cfg_dir: Path, tmp: Path, dataset: str, steps: int = 2) ->
 
 # One task per environment family trains every stage (the replay task also reads float64 data); the other six are
 # composed and instantiated by the real parser without a fit: their configs differ from these in the task's name,
-# data and temperature only (scripts/make_configs.py), which instantiation checks.
+# data and temperature only (the rest is configs/base/), which instantiation checks.
 def backbone_needs(stage: str) -> tuple[str, ...]:
     return () if stage == "iql" else backbone(stage).needs
 
@@ -93,9 +114,8 @@ ACTOR_CONFIGS = sorted(p for d in ["demo", *TASK_DIRS] for p in (CONFIGS / d).gl
 
 
 def _init_args(path: Path) -> dict:
-    import yaml
 
-    return yaml.safe_load(path.read_text())["model"]["init_args"]
+    return compose_config(path)["model"]["init_args"]
 
 
 @pytest.mark.parametrize("path", ACTOR_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

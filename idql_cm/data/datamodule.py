@@ -86,7 +86,7 @@ class TDBatchIterable:
     Each ``iter()`` starts at step ``start_step()`` (read when iteration starts) and yields the batch of step s from a
     generator seeded with ``step_seed(seed, rank, s)``; :meth:`batch_at` gives any step's batch directly.
 
-    With ``steps_per_item = K > 1`` each item holds the batches of K consecutive steps, stacked: ``{key: [K, B,
+    With ``fused_steps = K > 1`` each item holds the batches of K consecutive steps, stacked: ``{key: [K, B,
     ...]}`` (for modules that make K updates per Trainer iteration, ``fused_steps``); item j holds steps
     ``start_step() + j·K`` to ``start_step() + j·K + K − 1``: exactly the batches of the 1-step stream.
 
@@ -95,13 +95,13 @@ class TDBatchIterable:
         batch_size: rows per batch.
         seed: base seed; ``rank``: this process's rank.
         start_step: callable returning the first step (default 0).
-        steps_per_item: batches per item (K).
+        fused_steps: batches per item (K).
         member_seeds: several seeds in one run (``num_seeds``): member k's batch of step s is what a solo stream of
             seed ``member_seeds[k]`` draws, and an item is ``{key: [S, B, ...]}`` (``[K, S, B, ...]``), one gather.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, rank: int = 0, start_step=None,
-                 steps_per_item: int = 1, member_seeds: list[int] | None = None):
+                 fused_steps: int = 1, member_seeds: list[int] | None = None):
         self.tensors = tensors
         self.packed, self._cols = pack_columns(tensors)
         self._shapes = {k: tuple(t.shape[1:]) for k, t in tensors.items()}
@@ -113,9 +113,9 @@ class TDBatchIterable:
         self.start_step = start_step or (lambda: 0)
         self.num_rows = int(self.packed.shape[0])
         self.device = self.packed.device
-        self.steps_per_item = int(steps_per_item)
-        if self.steps_per_item < 1:
-            raise ConfigError(f"steps_per_item: expected a positive integer, found {steps_per_item!r}")
+        self.fused_steps = int(fused_steps)
+        if self.fused_steps < 1:
+            raise ConfigError(f"fused_steps: expected a positive integer, found {fused_steps!r}")
         self._gen = torch.Generator(device=self.device)
         self.member_seeds = None if member_seeds is None else [int(m) for m in member_seeds]
 
@@ -142,11 +142,11 @@ class TDBatchIterable:
         return column_views(rows, self._cols, self._shapes)
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
-        """The batch of step ``step`` (``[B, ...]``, whatever ``steps_per_item`` is)."""
+        """The batch of step ``step`` (``[B, ...]``, whatever ``fused_steps`` is)."""
         return self._draw(step, torch.Generator(device=self.device))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        k = self.steps_per_item
+        k = self.fused_steps
         step = int(self.start_step())
         gen = self._gen
         while True:
@@ -215,16 +215,16 @@ class TDDataModule(L.LightningDataModule):
         self._env_id: Any = _UNSET
         #: batches per Trainer iteration and members trained side by side: what the module's updates need, told by
         #: the module through :meth:`configure_draws`
-        self.steps_per_batch = 1
+        self.fused_steps = 1
         self.num_members = 1
 
-    def configure_draws(self, num_members: int, steps_per_batch: int) -> None:
-        """Draw one batch per member (``[S, B, ...]``, member k's from seed s + k) and ``steps_per_batch`` updates'
+    def configure_draws(self, num_members: int, fused_steps: int) -> None:
+        """Draw one batch per member (``[S, B, ...]``, member k's from seed s + k) and ``fused_steps`` updates'
         batches per item (``[K, B, ...]``): called by the module at every setup (``num_seeds``, ``fused_steps``)."""
-        if int(num_members) < 1 or int(steps_per_batch) < 1:
+        if int(num_members) < 1 or int(fused_steps) < 1:
             raise ConfigError(f"TDDataModule.configure_draws: expected positive counts, found {num_members} member(s), "
-                              f"{steps_per_batch} step(s) per batch")
-        self.num_members, self.steps_per_batch = int(num_members), int(steps_per_batch)
+                              f"{fused_steps} step(s) per batch")
+        self.num_members, self.fused_steps = int(num_members), int(fused_steps)
 
     # ----------------------------------------------------------------------------------------- lazy dataset
     @property
@@ -345,16 +345,16 @@ class TDDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> TDBatchIterable:
         """Endless batches ``{obs, act, rew [B,1], next_obs, tml [B,1]}`` on the device (not a DataLoader); with
-        ``steps_per_batch = K > 1``, K steps' batches per item, ``[K, B, ...]``."""
+        ``fused_steps = K > 1``, K steps' batches per item, ``[K, B, ...]``."""
         return TDBatchIterable(
             self.tensors,
             self.batch_size,
             seed=resolve_seed(self.seed),
             rank=self._rank(),
             # K > 1: the module counts one global step per update, whatever K a resumed run had before
-            start_step=(lambda: _consumed_batches(self.trainer)) if self.steps_per_batch == 1
+            start_step=(lambda: _consumed_batches(self.trainer)) if self.fused_steps == 1
             else (lambda: int(getattr(self.trainer, "global_step", 0) or 0)),
-            steps_per_item=self.steps_per_batch,
+            fused_steps=self.fused_steps,
             member_seeds=self.member_seeds(),
         )
 

@@ -1,5 +1,5 @@
 """What every idql-cm LightningModule shares: the checkpoint payload, per-step seeding, optimisers,
-cheap logging and the non-finite guard.
+cheap logging, and the non-finite guard's hooks (the guard itself: :mod:`idql_cm.modules.guard`).
 
 The modules are thin: the math lives in :mod:`idql_cm.nets` and :mod:`idql_cm.diffusion`.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
@@ -16,19 +15,19 @@ import torch
 from torch import nn
 
 from idql_cm.checkpoint import MODULE_KEY, DataFacts, check_fits_data, check_payload, make_payload
-from idql_cm.errors import CheckpointError, ConfigError, NonFiniteError
+from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.lightning_compat import (
     checkpoint_every_n_train_steps,
-    last_saved_step,
     logs_this_iteration,
     migrate_loop_progress,
     set_logging_step,
     trainer_of,
 )
+from idql_cm.modules.guard import NonFiniteGuard
 from idql_cm.modules.members import stack_members
 from idql_cm.nets.ema import ema_update_
 from idql_cm.nets.ensemble import MemberGenerators, member_mean
-from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, member_finite, per_member_grad_norm
+from idql_cm.nets.member_optim import MemberAdam, member_ema_update_, per_member_grad_norm
 from idql_cm.seeding import resolve_seed, step_seed
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class ConfigurableDraws(Protocol):
     one batch per member (``[S, B, ...]``, member k's from seed s + k; ``model.num_seeds`` needs it) and the batches
     of K updates per item (``[K, B, ...]``; ``model.fused_steps`` needs it)."""
 
-    def configure_draws(self, num_members: int, steps_per_batch: int) -> None: ...
+    def configure_draws(self, num_members: int, fused_steps: int) -> None: ...
 
 
 @runtime_checkable
@@ -113,32 +112,23 @@ class IDQLModule(pl.LightningModule):
             raise ConfigError(f"model.num_seeds: expected a positive integer, found {num_seeds!r}")
         self.num_seeds = int(num_seeds)
         self.rng: MemberGenerators | None = None  # the members' generators (num_seeds > 1)
-        self._member_mask: torch.Tensor | None = None  # members whose update goes ahead this step (skip mode)
         if int(fused_steps) < 1:
             raise ConfigError(f"model.fused_steps: expected a positive integer, found {fused_steps!r}")
         self.fused_steps = int(fused_steps)
-        self._fused = 1  # the K in use this fit (see _effective_fused_steps)
+        self.fused_steps_in_use = 1  # the K in use this fit (see _effective_fused_steps)
         # Manual optimisation: training_step runs backward, the optimiser, the EMA / target update and the LR
         # scheduler itself. The same hooks run (on_before_optimizer_step inside opt.step); Lightning's automatic
         # loop (closure, step/zero_grad progress, scheduler bookkeeping) costs more per step (docs/performance.md).
         self.automatic_optimization = False
         self.compile_nets = bool(compile)
-        if nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"model.nonfinite: expected 'stop' or 'skip', found {nonfinite!r}")
-        self.nonfinite = nonfinite
-        self.check_finite_every = max(1, int(check_finite_every))
+        self.guard = NonFiniteGuard(nonfinite, check_finite_every, self.num_seeds)
         self.obs_dim: int | None = None
         self.act_dim: int | None = None
         self.data_info: dict[str, Any] = {}
-        self.skipped_steps: int | list[int] = 0 if self.num_seeds == 1 else [0] * self.num_seeds
-        self._watched: list[tuple[str, torch.Tensor]] = []  # this step's losses, checked before the update
-        self._skip_update = False  # set when this step's update is skipped (model.nonfinite: skip)
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
         self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
         self._opt_cache: tuple[Any, Any, Any] | None = None  # (trainer, optimizer, scheduler) of this fit
-        self._defer_finite_check: bool | None = None  # None: decided at the first check (see _deferred_check)
         self._step_logs: list[tuple[str, Any, dict[str, Any]]] = []  # this iteration's scalars (see log_scalar)
-        self._pending: tuple | None = None  # a deferred check not read yet
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets bookkeeping attributes (_current_fx_name, ...) many times a step, and nn.Module.__setattr__
@@ -152,17 +142,17 @@ class IDQLModule(pl.LightningModule):
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
         dm: TrainingData | None = self.trainer.datamodule
-        self._fused = self._effective_fused_steps() if stage == "fit" else 1
+        self.fused_steps_in_use = self._effective_fused_steps() if stage == "fit" else 1
         if isinstance(dm, ConfigurableDraws):  # told every time: a reused data module follows this run
-            dm.configure_draws(self.num_seeds, self._fused)
+            dm.configure_draws(self.num_seeds, self.fused_steps_in_use)
         else:
             if self.num_seeds > 1:
                 raise ConfigError(f"model.num_seeds: {self.num_seeds} members need a data module that draws a batch "
                                   f"per member (TDDataModule), found {type(dm).__name__}")
-            if self._fused > 1:
-                self._warn(f"model.fused_steps: the data module {type(dm).__name__} makes one batch per iteration; "
+            if self.fused_steps_in_use > 1:
+                self.warn(f"model.fused_steps: the data module {type(dm).__name__} makes one batch per iteration; "
                            "using 1")
-                self._fused = 1
+                self.fused_steps_in_use = 1
         if self.obs_dim is not None:
             return
         if dm is None:
@@ -219,7 +209,7 @@ class IDQLModule(pl.LightningModule):
     def stepping_members(self) -> torch.Tensor | None:
         """The members whose update goes ahead this step (``nonfinite: skip`` with S members), None for all: what
         :class:`MemberAdam` asks after the non-finite check ran inside its closure."""
-        return self._member_mask
+        return self.guard.member_mask
 
     def member_generator(self) -> MemberGenerators | None:
         """What the losses draw from: the members' generators, or None (torch's default generator) for one member."""
@@ -231,10 +221,10 @@ class IDQLModule(pl.LightningModule):
 
     def ema_(self, ema: nn.Module, model: nn.Module, decay: float) -> None:
         """``ema <- decay·ema + (1 − decay)·model`` for the members whose update went ahead this step."""
-        if self._member_mask is None:
+        if self.guard.member_mask is None:
             ema_update_(ema, model, decay)
         else:
-            member_ema_update_(ema, model, decay, self._member_mask)
+            member_ema_update_(ema, model, decay, self.guard.member_mask)
 
     def trained_nets(self) -> list[torch.nn.Module]:
         """The networks the optimiser trains (compiled when ``compile: true``)."""
@@ -249,27 +239,13 @@ class IDQLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A checkpoint is never written with non-finite weights (possible when a poisoned update got through: a
-        # gradient in stop mode, a deferred check on a GPU, check_finite_every > 1): the last good one stays. A
-        # pending deferred check is read first, for the precise message. One host sync per save.
-        self._resolve_pending()
-        state = [v for v in checkpoint.get("state_dict", {}).values()
-                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        if state and not bool(torch.stack([torch.isfinite(v).all() for v in state]).all()):
-            bad = next(k for k, v in checkpoint["state_dict"].items()
-                       if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
-            hint = ("with nonfinite: stop gradients are checked on logging steps; nonfinite: skip checks them before "
-                    "every update" if self.check_finite_every == 1 else
-                    "lower model.init_args.check_finite_every to catch the step that caused it")
-            raise NonFiniteError(
-                f"{type(self).__name__}: non-finite weights ({bad}) after step {self.global_step - 1}; the checkpoint "
-                f"was not written, {self._last_good_checkpoint()} ({hint})")
+        self.guard.check_saved_state(self, checkpoint.get("state_dict", {}))  # never a checkpoint of NaN weights
         members = {"num_seeds": self.num_seeds, "seed": resolve_seed(None)} if self.num_seeds > 1 else {}
         # the module's class path: a backbone defined outside the package is found again by importing it
         module = {MODULE_KEY: f"{type(self).__module__}.{type(self).__qualname__}"}
         checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
                                              self.data_info, {**module, **self.payload(), **members},
-                                             self.skipped_steps)
+                                             self.guard.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = trainer_of(self)
@@ -286,8 +262,7 @@ class IDQLModule(pl.LightningModule):
         if held != self.num_seeds:
             raise CheckpointError(f"--ckpt_path: {path} holds {held} member(s) (num_seeds), this run has "
                                   f"model.init_args.num_seeds: {self.num_seeds}; resume with the same count")
-        saved = meta.get("skipped_steps", 0)
-        self.skipped_steps = [int(n) for n in saved] if self.num_seeds > 1 else int(saved)
+        self.guard.restore(meta.get("skipped_steps", 0))
         migrate_loop_progress(checkpoint)
 
     # ------------------------------------------------------------------ the update step (plain functions)
@@ -327,7 +302,7 @@ class IDQLModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._log_now = None
-        k = self._fused
+        k = self.fused_steps_in_use
         if k > 1:  # batch: [K, B, ...]
             left = self.trainer.max_steps - self.global_step if self.trainer.max_steps > 0 else k
             k = max(1, min(k, left))  # the last iteration of a run whose max_steps is not a multiple of K
@@ -336,7 +311,7 @@ class IDQLModule(pl.LightningModule):
             set_logging_step(self.trainer, self.global_step + k - 1)
         log = logs_this_iteration(self.trainer)  # whether this iteration logs: asked once per iteration
         for i in range(k):
-            self._update(batch if self._fused == 1 else {key: t[i] for key, t in batch.items()}, log and i == k - 1)
+            self._update(batch if self.fused_steps_in_use == 1 else {key: t[i] for key, t in batch.items()}, log and i == k - 1)
         self._flush_logs()
 
     def log_scalar(self, name: str, value: Any, **kwargs: Any) -> None:
@@ -384,12 +359,11 @@ class IDQLModule(pl.LightningModule):
             opt.zero_grad()  # set_to_none
             # S members: the sum of their losses, so member k's gradient is its own loss' gradient
             self.manual_backward(loss if self.num_seeds == 1 else loss.sum())
-            self._skip_update = False
-            self._member_mask = None
+            self.guard.begin_update()
             opt.step()  # runs on_before_optimizer_step (callbacks, then the non-finite guard) before the update
             # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run their on_train_batch_end first, and a
             # checkpoint must hold the EMA / target of the step it is named for.
-            if not self._skip_update:
+            if not self.guard.skip_update:
                 self.after_optimizer_step(step)
         if sched is not None:
             sched.step()  # also after a skipped update, as Lightning's automatic loop does
@@ -438,7 +412,7 @@ class IDQLModule(pl.LightningModule):
                 g = math.gcd(g, int(p))
         if g != k:
             bad = ", ".join(f"{name} = {p}" for name, p in periods.items() if p and p > 0 and p % k)
-            self._warn(f"model.fused_steps: {k} updates per Trainer iteration do not divide {bad}; using {g} (make "
+            self.warn(f"model.fused_steps: {k} updates per Trainer iteration do not divide {bad}; using {g} (make "
                        f"those periods multiples of {k} for the full speed-up)")
         return g
 
@@ -464,7 +438,7 @@ class IDQLModule(pl.LightningModule):
         ``check_finite_every`` steps (1 = every step; on a GPU the read-back is a device sync, so fast runs raise
         it, trading detection latency for speed), together with the gradient norm where that is computed.
         """
-        self._watched.append((name, value.detach()))
+        self.guard.watch(name, value)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._log_now = None  # outside a training step, should_log() asks Lightning again
@@ -478,17 +452,13 @@ class IDQLModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # After backward, before the optimiser touches the weights: the last point where a bad step can be
         # stopped or skipped without harm.
-        watched, self._watched = self._watched, []
-        check = self.global_step % self.check_finite_every == 0
+        watched = self.guard.take_watched()
+        check = self.guard.checks(self.global_step)
         log = self.should_log()
         if not (check or log):
             return
-        # The gradients cost one pass over them (docs/performance.md): skip mode reads them before every checked update, as it
-        # must act before a bad update; stop mode only on logging steps (train/grad_norm), because a non-finite
-        # gradient that gets through makes the weights, hence the next step's loss, non-finite: training stops
-        # one step later, and no checkpoint is ever written with non-finite weights (on_save_checkpoint).
         norms = None
-        if log or (check and self.nonfinite == "skip"):
+        if self.guard.wants_grad_norms(check, log):
             if self.num_seeds > 1:  # [S]: every member's own gradient norm
                 norms = per_member_grad_norm(self._params_of(optimizer), self.num_seeds)
             else:
@@ -496,175 +466,19 @@ class IDQLModule(pl.LightningModule):
                 # per-tensor norms in one fused call: a non-finite gradient makes its norm non-finite
                 norms = torch.stack(torch._foreach_norm(grads)) if grads else None
         if check:
-            self._check_finite(watched, norms, optimizer)
+            self.guard.check(self, watched, norms, self._params_of(optimizer))
         if log:
-            if norms is not None and not self._skip_update and self._member_mask is None:
+            if norms is not None and not self.guard.skip_update and self.guard.member_mask is None:
                 self.log_scalar("train/grad_norm", norms if self.num_seeds > 1 else torch.linalg.vector_norm(norms))
             self.log_scalar("train/lr", optimizer.param_groups[0]["lr"])
 
-    def _check_finite(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None,
-                      optimizer: torch.optim.Optimizer) -> None:
-        """Stop (raise) or skip the update when a watched loss or a gradient is NaN/Inf.
-
-        ``watched`` are this step's scalar losses and ``grad_norms`` the per-tensor gradient norms (or None). The hot
-        path is one sum and one read-back (the host sync of a checked step): a sum is non-finite iff a term is (or the
-        terms overflow float32, which is no healthy loss either); which one is bad is worked out only on failure.
-        """
-        if self.num_seeds > 1:  # per-member [S] losses and norms: one sum all the same
-            terms = [v.float().sum() for _, v in watched]
-        else:
-            terms = [v.reshape(()).float() for _, v in watched]
-        terms += [grad_norms.sum()] if grad_norms is not None else []
-        if not terms:
-            return
-        total = torch.stack(terms).sum()
-        trainer = trainer_of(self)
-        if trainer is not None and trainer.world_size > 1:
-            # every rank decides the same: a skip on one rank only would make the replicas diverge
-            total = trainer.strategy.reduce(total, reduce_op="sum")
-        if self._deferred_check():
-            self._resolve_pending()  # the previous checked step's verdict: ready by now, so no wait in practice
-            self._defer(total, watched, grad_norms)
-            return
-        if math.isfinite(total.item()):
-            return
-        quantity = self._bad_quantity(watched, grad_norms)
-        if self.num_seeds > 1:
-            self._members_nonfinite(watched, grad_norms, optimizer, quantity)
-            return
-        if self.nonfinite == "skip":
-            for p in self._params_of(optimizer):  # no gradient: the optimiser leaves weights and moments alone
-                p.grad = None
-            self._skip_update = True
-            self.skipped_steps += 1
-            self.log_scalar("train/skipped_nonfinite_steps", float(self.skipped_steps))
-            if self.skipped_steps & (self.skipped_steps - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a flood
-                self._warn(f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}: update "
-                           f"skipped ({self.skipped_steps} skipped so far, model.init_args.nonfinite: skip)")
-            return
-        poisoned = self._nonfinite_param()
-        if poisoned is not None:
-            raise NonFiniteError(
-                f"{type(self).__name__}: non-finite {quantity} at step {self.global_step} because the weights were "
-                f"already non-finite ({poisoned}): a non-finite gradient of step {self.global_step - 1} got through "
-                f"(with nonfinite: stop gradients are checked on logging steps; nonfinite: skip checks them before "
-                f"every update); training stopped, {self._last_good_checkpoint()}")
-        raise NonFiniteError(
-            f"{type(self).__name__}: non-finite {quantity} at step {self.global_step}; training stopped before the "
-            f"update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip such steps)")
-
-    def _member_verdict(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None) -> list[bool]:
-        """Per member: True where its watched losses and gradient norm are finite, on every rank."""
-        ok = member_finite([v for _, v in watched] + ([grad_norms] if grad_norms is not None else []), self.num_seeds)
-        trainer = trainer_of(self)
-        if trainer is not None and trainer.world_size > 1:  # a member skipped on one rank is skipped on all
-            bad = trainer.strategy.reduce((~ok).float(), reduce_op="sum")
-            ok = bad == 0
-        return [bool(v) for v in ok.cpu()]
-
-    def _members_nonfinite(self, watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None,
-                           optimizer: torch.optim.Optimizer, quantity: str) -> None:
-        """The failure path with S members: stop naming the members, or skip only their updates."""
-        ok = self._member_verdict(watched, grad_norms)
-        bad = [k for k, good in enumerate(ok) if not good] or list(range(self.num_seeds))
-        who = ", ".join(f"member {k} (seed {self.member_seed(k)})" for k in bad)
-        if self.nonfinite == "stop":
-            raise NonFiniteError(
-                f"{type(self).__name__}: non-finite {quantity} of {who} at step {self.global_step}; training stopped "
-                f"before the update, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to skip only "
-                "that member's update)")
-        mask = torch.tensor(ok, dtype=torch.bool)
-        self._member_mask = mask.to(self.device)  # only these members step (MemberAdam asks after this closure),
-        # and only their EMA / targets move
-        if not any(ok):
-            self._skip_update = True
-        for k in bad:
-            self.skipped_steps[k] += 1
-        self.log_scalar("train/skipped_nonfinite_steps", torch.tensor(self.skipped_steps, dtype=torch.float32))
-        worst = max(self.skipped_steps[k] for k in bad)
-        if worst & (worst - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a flood
-            counts = ", ".join(f"member {k}: {self.skipped_steps[k]}" for k in bad)
-            self._warn(f"{type(self).__name__}: non-finite {quantity} of {who} at step {self.global_step}: that "
-                       f"update skipped, the other members' went ahead (skipped so far: {counts}; "
-                       "model.init_args.nonfinite: skip)")
-
-    @staticmethod
-    def _bad_quantity(watched: list[tuple[str, torch.Tensor]], grad_norms: torch.Tensor | None) -> str:
-        named = watched + ([("gradient norm", grad_norms)] if grad_norms is not None else [])
-        names = [name for name, v in named if not bool(torch.isfinite(v).all())] or ["values on another rank"]
-        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-    def _deferred_check(self) -> bool:
-        """Whether this step's verdict is read one checked step later (stop mode on a GPU; see :meth:`_defer`)."""
-        if self._defer_finite_check is None:
-            self._defer_finite_check = self.nonfinite == "stop" and self.device.type == "cuda"
-        return self._defer_finite_check
-
-    def _defer(self, total: torch.Tensor, watched: list[tuple[str, torch.Tensor]],
-               grad_norms: torch.Tensor | None) -> None:
-        """Queue a copy of ``total`` to the host without waiting for it (stop mode on a GPU).
-
-        Reading a device value waits for every kernel queued before it, which on a GPU stalls the host once a step
-        (the hot path must not). So the verdict of checked step k is read at the next checked step, when the device
-        has long finished step k: training stops one step late, which stop mode can afford, since no checkpoint is
-        ever written with non-finite weights (:meth:`on_save_checkpoint`). Skip mode must act before the update and
-        reads its verdict at once, a sync per checked step.
-        """
-        if self.device.type == "cuda":
-            buf = torch.empty((), dtype=torch.float32, pin_memory=True)
-            buf.copy_(total.detach(), non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:  # (tests force the deferred path on CPU, where the copy is synchronous)
-            buf, event = total.detach().clone(), None
-        self._pending = (self.global_step, buf, event, watched, grad_norms)
-
-    def _resolve_pending(self) -> None:
-        """Raise for a deferred check that found NaN/Inf (a no-op when none is pending)."""
-        if self._pending is None:
-            return
-        step, buf, event, watched, grad_norms = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        if math.isfinite(float(buf)):
-            return
-        raise NonFiniteError(
-            f"{type(self).__name__}: non-finite {self._bad_quantity(watched, grad_norms)} at step {step} (read at step "
-            f"{self.global_step}: on a GPU the check is read one step late, so that no step waits for the device); "
-            f"training stopped, {self._last_good_checkpoint()} (set model.init_args.nonfinite: skip to check before "
-            "every update)")
-
-    def _nonfinite_param(self) -> str | None:
-        """The name of the first trained parameter holding NaN/Inf, or None (the failure path only: a host sync)."""
-        for name, p in self.named_parameters():
-            if p.requires_grad and not bool(torch.isfinite(p).all()):
-                return name
-        return None
-
-    def _last_good_checkpoint(self) -> str:
-        trainer = trainer_of(self)
-        cb = trainer.checkpoint_callback if trainer is not None else None
-        path = (cb.last_model_path or cb.best_model_path) if cb is not None else ""
-        if path and os.path.isfile(path):
-            step = last_saved_step(cb)
-            return f"the last good checkpoint is kept: {path}" + (f" (step {step})" if step else "")
-        return "no checkpoint had been written yet"
-
-    def _warn(self, message: str) -> None:
+    def warn(self, message: str) -> None:
         """One line on stderr (through logging, so a configured logger receives it), on rank 0 only."""
         if self.global_rank == 0:
             log.warning(message)
 
     def on_train_end(self) -> None:
-        self._resolve_pending()  # the last step's deferred check
-        if self.num_seeds > 1 and any(self.skipped_steps):
-            counts = ", ".join(f"member {k}: {n}" for k, n in enumerate(self.skipped_steps))
-            self._warn(f"{type(self).__name__}: training steps skipped for non-finite values per member ({counts}; "
-                       "model.init_args.nonfinite: skip)")
-        elif self.num_seeds == 1 and self.skipped_steps:
-            self._warn(f"{type(self).__name__}: {self.skipped_steps} training steps were skipped for non-finite "
-                       "values (model.init_args.nonfinite: skip)")
+        self.guard.finish(self)
 
     #: the run's length outside a Trainer (the bare benchmark loop); a fit reads trainer.max_steps
     planned_steps: int | None = None
