@@ -54,7 +54,7 @@ def table(res: dict[str, Any]) -> str:
     if ac:
         s = res["settings"]
         lines += [f"| IDQL action selection, {s['action_envs']} states × {s['action_candidates']} candidates "
-                  "(ms/call) | NFE 1 | NFE 2 | NFE 4 | one candidate, no critic, NFE 1 (a guided policy) |",
+                  "(ms/call) | NFE 1 | NFE 2 | NFE 4 | one candidate, no critic, NFE 1 |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         for k in ACTOR_KINDS:
             alone = ac[k].get("alone_nfe1")
