@@ -260,7 +260,7 @@ def write_section(doc: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["all", "toy", "me"], default="all")
-    ap.add_argument("--weights", type=_floats, default=_floats("0,0.03,0.3,1,3"),
+    ap.add_argument("--weights", type=_floats, default=_floats("0,0.03,0.1,0.3,1,3"),
                     help="η values (0 = plain IDQL)")
     ap.add_argument("--backbones", default="ct", type=lambda s: [t for t in s.split(",") if t],
                     help="guided one-step backbones (ct, cd, meanflow)")
