@@ -124,8 +124,11 @@ def test_two_members_are_guided_by_a_solo_critic(paid):
 
 # ----------------------------------------------------------------------------------------------- refusals
 def _refusal(capsys, args: list[str]) -> str:
+    import os
+
     from idql_cm.cli import main
 
+    os.environ.pop("IDQL_CM_DEBUG", None)  # the one-line form (the debug form adds a traceback)
     capsys.readouterr()
     assert main(args) != 0
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("idql-cm: error:")]
@@ -133,8 +136,7 @@ def _refusal(capsys, args: list[str]) -> str:
     return err[0]
 
 
-def test_guidance_is_refused_for_a_backbone_without_a_one_step_map(paid, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+def test_guidance_is_refused_for_a_backbone_without_a_one_step_map(paid, tmp_path, capsys):
     cfg = shrink_config(CONFIGS / "demo" / "edm.yaml", tmp_path / "edm.yaml", tmp_path / "edm", str(paid[0]),
                         keep_eval=False)
     line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1"])
@@ -142,8 +144,7 @@ def test_guidance_is_refused_for_a_backbone_without_a_one_step_map(paid, tmp_pat
     assert not (tmp_path / "edm").exists()
 
 
-def test_a_missing_or_wrong_guiding_critic_is_refused_before_training(paid, tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
+def test_a_missing_or_wrong_guiding_critic_is_refused_before_training(paid, tmp_path, capsys):
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", str(paid[0]),
                         keep_eval=False)
     line = _refusal(capsys, ["fit", "--config", str(cfg), "--model.init_args.q_weight", "1"])
@@ -185,7 +186,7 @@ def test_a_guided_policy_is_evaluated_alone_and_re_ranked_and_reported_as_such(t
     assert "CT η=0.5 (N=1)" in table and "CT η=0.5 " in table.replace("CT η=0.5 (N=1)", "")
 
 
-def test_a_guided_fine_tuning_stage_starts_from_a_trained_policy_of_its_backbone(paid, tmp_path, capsys, monkeypatch):
+def test_a_guided_fine_tuning_stage_starts_from_a_trained_policy_of_its_backbone(paid, tmp_path, capsys):
     """``init_from`` a trained MeanFlow: with lr 0 the online and EMA networks stay the source's EMA network; the
     checkpoint records the source; another backbone's checkpoint is refused in one line before any work."""
     src = _fit(paid, "meanflow", "mf_source", 16)
@@ -197,7 +198,6 @@ def test_a_guided_fine_tuning_stage_starts_from_a_trained_policy_of_its_backbone
         assert keys and all(torch.equal(b["state_dict"][k], a["state_dict"][f"ema_model.net.{k[len(name) + 5:]}"])
                             for k in keys)
     assert b["idql_cm"]["init_from"] == src and b["idql_cm"]["q_weight"] == 1.0
-    monkeypatch.delenv("IDQL_CM_DEBUG", raising=False)
     cfg = shrink_config(CONFIGS / "demo" / "meanflow.yaml", tmp_path / "mf.yaml", tmp_path / "mf", str(paid[0]),
                         keep_eval=False, model_args={"init_from": str(paid[1])})
     line = _refusal(capsys, ["fit", "--config", str(cfg)])

@@ -36,7 +36,7 @@ from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.fileio import file_sha256
 from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
-from idql_cm.modules.guidance import CriticGuidance, check_q_weight, guidance_loss
+from idql_cm.modules.guidance import CriticGuidance, check_critic_members, check_q_weight, guidance_loss
 from idql_cm.modules.members import member_of
 from idql_cm.nets.ema import EMAWarmup
 from idql_cm.nets.ensemble import StackedIDQLMlp, bind_rng
@@ -118,6 +118,7 @@ class BehaviourModule(IDQLModule):
         self.model: torch.nn.Module | None = None
         self.ema_model: torch.nn.Module | None = None
         spec = self.spec()  # a module without a registered backbone spec is refused before any work
+        self.one_step = spec.one_step  # the map guidance trains (looked up once, not every step)
         if self.q_weight > 0 and spec.one_step is None:
             raise ConfigError(f"model.q_weight: {self.q_weight} asks for critic guidance, which trains a one-step map; "
                               f"the {spec.kind} backbone has none (its spec's one_step is None): use q_weight 0, or a "
@@ -181,9 +182,13 @@ class BehaviourModule(IDQLModule):
             check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
         return ckpt
 
+    def data_facts(self, obs_dim: int | None = None, act_dim: int | None = None) -> DataFacts:
+        """What ties a partner checkpoint (teacher, init, critic) to this run's data."""
+        return DataFacts(obs_dim or self.obs_dim, act_dim or self.act_dim, self.obs_mean, self.obs_std,
+                         self.data_info.get("dataset"))
+
     def _build_from_init(self, obs_dim: int, act_dim: int) -> None:
-        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
-        ckpt = self._init_checkpoint(data)
+        ckpt = self._init_checkpoint(self.data_facts(obs_dim, act_dim))
         self.net_kw = net_kwargs(ckpt["idql_cm"]["net"])
         S, width = self.num_seeds, self.net_obs_dim(obs_dim)
         net = IDQLMlp(width, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, width, act_dim, **self.net_kw)
@@ -202,8 +207,7 @@ class BehaviourModule(IDQLModule):
     def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_info, device="cpu") -> None:
         super().init_nets(obs_dim, act_dim, obs_mean, obs_std, data_info, device)
         if self.q_weight > 0:
-            data = DataFacts(self.obs_dim, self.act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
-            self.guidance = CriticGuidance(self._critic_path(), data, self.num_seeds)
+            self.guidance = CriticGuidance(self._critic_path(), self.data_facts(), self.num_seeds)
 
     def _critic_path(self) -> str:
         if self.critic_ckpt is None:
@@ -224,11 +228,7 @@ class BehaviourModule(IDQLModule):
             return
         path = self._critic_path()
         meta = read_checkpoint(path, expect_kind="iql", what="model.critic_ckpt")["idql_cm"]
-        held = int(meta.get("num_seeds", 1))
-        if held > 1 and held != self.num_seeds:
-            raise ConfigError(f"model.critic_ckpt: {path} holds {held} IQL members (num_seeds {held}), this run has "
-                              f"model.num_seeds: {self.num_seeds}; critic k guides member k, so train both with the "
-                              "same num_seeds (or guide with a solo critic)")
+        check_critic_members(int(meta.get("num_seeds", 1)), self.num_seeds, "model.critic_ckpt", path)
         check_fits_datamodule(meta, datamodule, "model.critic_ckpt", path)
 
     def frozen_nets(self) -> list[torch.nn.Module]:
@@ -247,7 +247,7 @@ class BehaviourModule(IDQLModule):
             return loss, named
         obs = batch["obs"]
         noise = standard_normal((*obs.shape[:-1], self.act_dim), obs, generator)
-        act = self.spec().one_step(self.model, obs, noise)
+        act = self.one_step(self.model, obs, noise)
         term, q_mean = guidance_loss(self.guidance(obs, act), self.q_weight, self.num_seeds)
         return loss + term, {**named, "behaviour_loss": loss, "guidance_q": q_mean}
 
@@ -494,7 +494,7 @@ class CDModule(ConsistencyBehaviour):
     def build(self, obs_dim: int, act_dim: int) -> None:
         ckpt = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-        data = DataFacts(obs_dim, act_dim, self.obs_mean, self.obs_std, self.data_info.get("dataset"))
+        data = self.data_facts(obs_dim, act_dim)
         check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
         member = self._teacher_members(meta)
         if member is not None:

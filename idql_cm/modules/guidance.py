@@ -42,6 +42,14 @@ def guidance_loss(q: torch.Tensor, q_weight: float, num_members: int = 1) -> tup
     return -q_weight * q_mean / scale, q_mean.detach()
 
 
+def check_critic_members(held: int, num_members: int, where: str, path: str) -> None:
+    """An S-member critic pairs critic k with member k, so it must hold this run's member count (a solo one guides all)."""
+    if held > 1 and held != num_members:
+        raise ConfigError(f"{where}: {path} holds {held} IQL members (num_seeds {held}), this run has "
+                          f"model.num_seeds: {num_members}; critic k guides member k, so train both with the same "
+                          "num_seeds (or guide with a solo critic)")
+
+
 class CriticGuidance:
     """The frozen twin target-Q of an IQL checkpoint, as the guidance term sees it.
 
@@ -52,10 +60,7 @@ class CriticGuidance:
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
         check_fits_data(DataFacts.of_payload(meta), data, where, path)
         held = int(meta.get("num_seeds", 1))
-        if held > 1 and held != num_members:
-            raise ConfigError(f"{where}: {path} holds {held} IQL members (num_seeds {held}), this run has "
-                              f"model.num_seeds: {num_members}; critic k guides member k, so train both with the same "
-                              "num_seeds (or guide with a solo critic)")
+        check_critic_members(held, num_members, where, path)
         dims = (int(meta["obs_dim"]), int(meta["act_dim"]), int(meta["hidden_dim"]))
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator be
             q: nn.Module = TwinQ(*dims) if held == 1 else StackedTwinQ(held, *dims)
