@@ -3,19 +3,27 @@
 Two parts, each trained with the shipped demo configs (``configs/demo/{edm,ct,cd}.yaml``, run by ``idql-cm fit``)
 and sampled through ``load_actor`` / the RolloutEvaluation callback:
 
-* **toys** (:mod:`idql_cm.data.toys`): conditional 2-D mixtures with known modes. For EDM (Euler and Heun), CT and
-  CD at NFE 1/2/4 (Heun: 1/3, it cannot do an even NFE): precision (share of samples within 0.15 of a mode of
-  their condition), each mode's share against its true share, and the sliced Wasserstein-1 distance to fresh
-  samples of the truth (with the truth-against-truth floor beside it).
-* **medium-expert** (``idql-cm collect --behaviour medium-expert``): a HalfCheetah-v5 dataset built as D4RL builds
-  medium-expert, a strong and a weak scripted gait concatenated; IQL + EDM + CD + CT at demo size, IDQL scores at
-  NFE 1/2/4 beside the two behaviours' own scores.
+* **toys** (:mod:`idql_cm.data.toys`): conditional mixtures with known modes (2-D and 6-D actions, one-hot or
+  continuous observations), each over its data seeds (another seed, another mode layout). For EDM (Euler and Heun),
+  CT, CD, MeanFlow (and with ``--ect`` CT started from the EDM stage) at NFE 1/2/4 (Heun: 1/3, it cannot do an even
+  NFE): precision (share of samples within 0.15 of a mode of their condition), each mode's share against its true
+  share, and the sliced Wasserstein-1 distance to fresh samples of the truth (with the truth-against-truth floor).
+* **medium-expert analogues** (``idql-cm collect --behaviour medium-expert`` / ``two-gait``): HalfCheetah-v5
+  datasets built as D4RL builds medium-expert, a weak and a strong behaviour concatenated (the same gait with lapses;
+  or another, weaker gait); IQL + every backbone at demo size, with ``--members S`` each stage trains S seeds at once
+  (``num_seeds``) and the scores are the across-seed mean ± SE (IDQL's protocol), at NFE 1/2/4 beside the two
+  behaviours' own scores.
+
+Two presets: ``--preset quick`` (``make quality``: every toy at data seed 0, the medium-expert analogue with one
+member) and ``--preset full`` (``make quality-full``: every toy at seeds 0-2, both analogues with 5 members and 20
+episodes per member, CT from EDM beside CT from scratch); the explicit flags override a preset.
 
 Every stage runs as its own ``idql-cm fit`` process with one intra-op thread, ``--jobs`` at a time (default 2, one
 per core of the project's machine), so a run's figures depend only on its seeds and the machine: the same seed gives
 the same table on the same machine and build. Writes ``benchmarks/quality.json`` and ``docs/quality.md``.
 
-    python -m benchmarks.quality                         # the whole benchmark (make quality)
+    python -m benchmarks.quality                         # the quick benchmark (make quality)
+    python -m benchmarks.quality --preset full           # the verdict over seeds (make quality-full)
     python -m benchmarks.quality --part toys --toys far  # one part / one toy
     python -m benchmarks.quality --set ct.model.init_args.fourier_scale=0.02 --label "CT scale 0.02"  # an ablation
 """
@@ -38,6 +46,7 @@ import numpy as np
 import yaml
 
 from idql_cm.backbones import backbone, builtin_kinds
+from idql_cm.data.toys import QUALITY_TOYS
 from idql_cm.cli import compose_config
 from idql_cm.fileio import pid_alive
 
@@ -45,11 +54,22 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo"
 TOY_STAGES = builtin_kinds()  # the package's backbones, a teacher before its student
 ME_STAGES = ("iql", *TOY_STAGES)
+#: stages that are another configuration of a backbone: (config, the stage whose checkpoint it starts from).
+#: ``ct_ect``: CT initialised from the EDM stage's EMA network (ECT), the same budget as CT from scratch
+DERIVED = {"ct_ect": ("ct", "edm")}
+ALL_STAGES = (*ME_STAGES, *DERIVED)
+#: the medium-expert analogues: name -> (``idql-cm collect --behaviour``, folder under --out)
+ANALOGUES = {"medium-expert": ("medium-expert", "medium_expert"), "two-gait": ("two-gait", "two_gait")}
+PRESETS = {
+    "quick": {"toys": list(QUALITY_TOYS), "seeds": [0], "analogues": ["medium-expert"], "members": 1, "ect": False},
+    "full": {"toys": list(QUALITY_TOYS), "seeds": [0, 1, 2], "analogues": list(ANALOGUES), "members": 5, "ect": True},
+}
 EVAL_CLASS = "idql_cm.eval.callback.RolloutEvaluation"
 #: the panels of the toy figure (backbone key, NFE); SAMPLES keeps their samples of the first seed
 PLOTTED = (("edm_euler", 4), ("edm_heun", 3), ("ct", 1), ("cd", 1), ("meanflow", 1), ("ct", 4), ("cd", 4),
            ("meanflow", 4))
 SAMPLES: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+OUT = REPO / "results" / "quality"  # --out (stage names are relative to it)
 STALE_CODE_OK = False  # --stale-code-ok: reuse stages trained by other code (exploration only)
 PROGRESS_CLASS = "idql_cm.modules.callbacks.StepProgressBar"
 
@@ -90,7 +110,8 @@ def stage_config(stage: str, dataset: Path, seed: int, overrides: dict[str, Any]
     """``configs/demo/<stage>.yaml`` pointed at ``dataset``; no progress bar (parallel jobs share the
     terminal); without ``evaluate`` no rollout callback (a toy has no environment). ``overrides`` are
     ``{"<stage>.<dotted key>" or "<dotted key>": value}``; ``eval.<arg>`` sets a RolloutEvaluation argument."""
-    cfg = compose_config(DEMO / f"{stage}.yaml")
+    config = DERIVED[stage][0] if stage in DERIVED else stage
+    cfg = compose_config(DEMO / f"{config}.yaml")
     cfg["seed_everything"] = seed
     cfg["trainer"]["default_root_dir"] = ""  # fit_job sets the folder
     cfg["trainer"]["enable_progress_bar"] = False
@@ -103,8 +124,8 @@ def stage_config(stage: str, dataset: Path, seed: int, overrides: dict[str, Any]
         cfg["data"]["reward_scale"] = "none"
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
-        if head in ME_STAGES:
-            if head != stage:
+        if head in ALL_STAGES:
+            if head not in (stage, config):  # a CT setting also applies to CT from EDM
                 continue
             key = rest
         if key.startswith("eval."):
@@ -188,7 +209,11 @@ def code_digest() -> str:
 
 
 def jobs_name(root: Path) -> str:
-    return f"{root.parent.parent.name}/{root.parent.name}/{root.name}"
+    """A stage's name in the log: its folder under ``--out`` (``two_gait/seed0/members5/ct-1a2b3c4d``)."""
+    try:
+        return str(root.relative_to(OUT))
+    except ValueError:
+        return f"{root.parent.parent.name}/{root.parent.name}/{root.name}"
 
 
 def _running_elsewhere(job: Job) -> bool:
@@ -248,7 +273,7 @@ def toy_samples(ckpt: Path, toy, nfe: int, sampler: dict[str, Any], n: int, seed
     policy = load_actor(str(ckpt), device="cpu")
     policy.actor = dataclasses.replace(policy.actor, options={**policy.actor.options, **sampler})
     g = torch.Generator().manual_seed(seed)
-    return [policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=nfe, generator=g).numpy() for c in range(toy.obs_dim)]
+    return [policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=nfe, generator=g).numpy() for c in range(toy.num_conditions)]
 
 
 def toy_metrics(toy, samples: list[np.ndarray], seed: int) -> dict[str, Any]:
@@ -271,12 +296,30 @@ def toy_metrics(toy, samples: list[np.ndarray], seed: int) -> dict[str, Any]:
 
 def truth_floor(toy, n: int, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(20_000 + seed)
-    return toy_metrics(toy, [toy.sample(c, n, rng) for c in range(toy.obs_dim)], seed)
+    return toy_metrics(toy, [toy.sample(c, n, rng) for c in range(toy.num_conditions)], seed)
+
+
+def stage_list(args, base: tuple[str, ...]) -> tuple[str, ...]:
+    return (*base, *DERIVED) if args.ect else base
+
+
+def stage_needs(stage: str) -> tuple[str, ...]:
+    """The stages whose checkpoints this stage reads (teacher or init), not counting the critic."""
+    return (DERIVED[stage][1],) if stage in DERIVED else backbone(stage).needs
+
+
+def _point_at_sources(ov: dict[str, Any], roots: dict[str, Path], stage: str) -> None:
+    ckpt = {s: str(roots[s] / "checkpoints" / "last.ckpt") for s in stage_needs(stage)}
+    if stage in DERIVED:
+        ov[f"{stage}.model.init_args.init_from"] = ckpt[DERIVED[stage][1]]
+    else:
+        for t in stage_needs(stage):
+            ov[f"{stage}.model.init_args.teacher_ckpt"] = ckpt[t]
 
 
 def plan_toys(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[Job], list[tuple]]:
     """The fit jobs of every (variant, toy, seed), deduplicated by configuration."""
-    from idql_cm.data.toys import TOYS, write_toy_dataset
+    from idql_cm.data.toys import toy, write_toy_dataset
 
     jobs: dict[str, Job] = {}
     plan = []
@@ -286,15 +329,13 @@ def plan_toys(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[lis
                 base = out / "toys" / name / f"seed{seed}"
                 data = base / "data.hdf5"
                 if not data.exists():
-                    write_toy_dataset(data, TOYS[name], transitions=args.toy_transitions, seed=seed)
+                    write_toy_dataset(data, toy(name, seed), transitions=args.toy_transitions, seed=seed)
                 roots: dict[str, Path] = {}
-                for stage in TOY_STAGES:
+                for stage in stage_list(args, TOY_STAGES):
                     ov = dict(overrides)
-                    teachers = backbone(stage).needs
-                    for t in teachers:
-                        ov[f"{stage}.model.init_args.teacher_ckpt"] = str(roots[t] / "checkpoints" / "last.ckpt")
+                    _point_at_sources(ov, roots, stage)
                     cfg = stage_config(stage, data, seed, ov, evaluate=False)
-                    deps = tuple(jobs_name(roots[t]) for t in teachers)
+                    deps = tuple(jobs_name(roots[t]) for t in stage_needs(stage))
                     job, roots[stage] = fit_job(cfg, base, stage, deps)
                     jobs.setdefault(job.name, job)
                 plan.append((label, name, seed, roots))
@@ -303,13 +344,13 @@ def plan_toys(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[lis
 
 def toy_results(args, plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str, Any]]:
     """``{variant: {toy: {seed: row}}}``: every backbone at every NFE, sampled through ``load_actor``."""
-    from idql_cm.data.toys import TOYS
+    from idql_cm.data.toys import toy as toy_of
 
     results: dict[str, dict[str, Any]] = {}
     for label, name, seed, roots in plan:
-        toy = TOYS[name]
+        toy = toy_of(name, seed)
         row: dict[str, Any] = {"truth": truth_floor(toy, args.samples, seed)}
-        for stage in TOY_STAGES:
+        for stage in roots:
             ckpt = roots[stage] / "checkpoints" / "last.ckpt"
             for key, sampler, nfes in SAMPLERS.get(stage, ((stage, {}, (1, 2, 4)),)):
                 row[key] = {}
@@ -318,66 +359,80 @@ def toy_results(args, plan: list[tuple], times: dict[str, float]) -> dict[str, d
                     row[key][str(k)] = toy_metrics(toy, samples, seed)
                     if seed == args.seeds[0] and (key, k) in PLOTTED:
                         SAMPLES.setdefault(label, {}).setdefault(name, {})[f"{key}@{k}"] = samples
-        row["seconds"] = {s: times.get(jobs_name(roots[s]), 0.0) for s in TOY_STAGES}
-        row["stages"] = {s: str(roots[s]) for s in TOY_STAGES}
+        row["seconds"] = {s: times.get(jobs_name(roots[s]), 0.0) for s in roots}
+        row["stages"] = {s: str(roots[s]) for s in roots}
         results.setdefault(label, {}).setdefault(name, {})[str(seed)] = row
     return results
 
 
 # ----------------------------------------------------------------------------------------------- medium-expert
-def me_data(args, out: Path, seed: int) -> Path:
-    data = out / "medium_expert" / f"seed{seed}" / "data.hdf5"
+def me_data(args, out: Path, seed: int, analogue: str = "medium-expert") -> Path:
+    behaviour, folder = ANALOGUES[analogue]
+    data = out / folder / f"seed{seed}" / "data.hdf5"
     if not data.exists():
-        log(f"[quality] medium-expert seed {seed}: collecting {args.me_transitions} HalfCheetah-v5 transitions")
+        log(f"[quality] {analogue} seed {seed}: collecting {args.me_transitions} HalfCheetah-v5 transitions")
         proc = subprocess.run([sys.executable, "-m", "idql_cm", "collect", "--env", "HalfCheetah-v5", "--out",
                                str(data), "--transitions", str(args.me_transitions), "--seed", str(seed),
-                               "--behaviour", "medium-expert", "--quiet"], cwd=REPO, capture_output=True, text=True)
+                               "--behaviour", behaviour, "--quiet"], cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"quality: collect failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return data
 
 
 def plan_me(args, variants: dict[str, dict[str, Any]], out: Path) -> tuple[list[Job], list[tuple]]:
+    """The fit jobs of every (variant, analogue): IQL, then every backbone pointed at it (and at its teacher /
+    init stage); ``--members S`` trains S seeds per stage in ``members<S>/``."""
     jobs: dict[str, Job] = {}
     plan = []
     for label, overrides in variants.items():
-        for seed in args.seeds:
-            data = me_data(args, out, seed)
-            base = data.parent
+        for analogue in args.analogues:
+            seed = args.me_seed
+            data = me_data(args, out, seed, analogue)
+            base = data.parent if args.members == 1 else data.parent / f"members{args.members}"
             roots: dict[str, Path] = {}
             # the demo's 10 episodes give a standard error of ~3 points on these bimodal (run or stall) episodes
             ov = {"eval.episodes": args.me_episodes, "eval.num_envs": args.me_episodes, **overrides}
-            for stage in ME_STAGES:
-                cfg = stage_config(stage, data, seed, ov, evaluate=True)
-                _point_at_partners(cfg, roots, stage)
-                deps = () if stage == "iql" else tuple(jobs_name(roots[d]) for d in (*backbone(stage).needs, "iql"))
+            if args.members > 1:
+                ov = {"model.init_args.num_seeds": args.members, "iql.model.init_args.num_seeds": args.members, **ov}
+            for stage in stage_list(args, ME_STAGES):
+                stage_ov = dict(ov)
+                if stage != "iql":
+                    _point_at_sources(stage_ov, roots, stage)
+                cfg = stage_config(stage, data, seed, stage_ov, evaluate=True)
+                if stage != "iql":
+                    _point_at_critic(cfg, roots)
+                deps = () if stage == "iql" else tuple(jobs_name(roots[d]) for d in (*stage_needs(stage), "iql"))
                 job, roots[stage] = fit_job(cfg, base, stage, deps)
                 jobs.setdefault(job.name, job)
-            plan.append((label, seed, data, roots))
+            plan.append((label, analogue, seed, data, roots))
     return list(jobs.values()), plan
 
 
-def me_results(plan: list[tuple], times: dict[str, float]) -> dict[str, dict[str, Any]]:
+def me_results(plan: list[tuple], times: dict[str, float], members: int) -> dict[str, dict[str, Any]]:
+    """``{variant: {analogue: row}}``; with several members a score is the across-seed mean ± SE and ``members``
+    holds each member's own."""
     results: dict[str, dict[str, Any]] = {}
-    for label, seed, data, roots in plan:
-        row: dict[str, Any] = {"behaviour": behaviour_levels(data),
-                               "seconds": {s: times.get(jobs_name(roots[s]), 0.0) for s in ME_STAGES},
-                               "stages": {s: str(roots[s]) for s in ME_STAGES}}
-        for stage in TOY_STAGES:
+    for label, analogue, seed, data, roots in plan:
+        row: dict[str, Any] = {"behaviour": behaviour_levels(data), "seed": seed, "members": members,
+                               "seconds": {s: times.get(jobs_name(roots[s]), 0.0) for s in roots},
+                               "stages": {s: str(roots[s]) for s in roots}}
+        for stage in roots:
+            if stage == "iql":
+                continue
             rep = json.loads((roots[stage] / "eval_report.json").read_text())
             row[stage] = {str(r["nfe"]): {"score": r["normalized_score_mean"], "se": r["normalized_score_se"],
                                           "episodes": r["episodes"]} for r in rep["results"]}
-        results.setdefault(label, {})[str(seed)] = row
+            if rep.get("members"):
+                row[stage + "_members"] = rep["members"]
+        results.setdefault(label, {})[analogue] = row
     return results
 
 
-def _point_at_partners(cfg: dict, roots: dict[str, Path], stage: str) -> None:
-    """The critic and teacher paths of a medium-expert stage: the IQL stage and the teacher stage of this run."""
+def _point_at_critic(cfg: dict, roots: dict[str, Path]) -> None:
+    """The evaluation critic of an analogue's stage: the IQL stage of this run."""
     for cb in cfg["trainer"].get("callbacks", []):
         if cb.get("class_path") == EVAL_CLASS:
             cb["init_args"]["critic_ckpt"] = str(roots["iql"] / "checkpoints" / "last.ckpt")
-    for t in backbone(stage).needs if stage != "iql" else ():
-        cfg["model"]["init_args"]["teacher_ckpt"] = str(roots[t] / "checkpoints" / "last.ckpt")
 
 
 def behaviour_levels(data: Path) -> dict[str, Any]:
@@ -412,9 +467,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="quick",
+                    help="quick (make quality, ~35 min on 2 cores) or full (make quality-full, the verdict over seeds)")
     ap.add_argument("--part", choices=["all", "toys", "me"], default="all")
-    ap.add_argument("--toys", default="counts,unequal,far", type=lambda s: [t for t in s.split(",") if t])
-    ap.add_argument("--seeds", default="0", type=lambda s: [int(t) for t in s.split(",") if t])
+    ap.add_argument("--toys", default=None, type=_names(QUALITY_TOYS), help=f"default: {','.join(QUALITY_TOYS)}")
+    ap.add_argument("--seeds", default=None, type=lambda s: [int(t) for t in s.split(",") if t],
+                    help="data seeds of the toys (each its own mode layout; also the training seed)")
+    ap.add_argument("--analogues", default=None, type=_names(tuple(ANALOGUES)), help=f"of {','.join(ANALOGUES)}")
+    ap.add_argument("--members", type=int, default=None, help="num_seeds of every analogue stage")
+    ap.add_argument("--me-seed", type=int, default=0, help="the analogues' data and training seed")
+    ap.add_argument("--ect", action=argparse.BooleanOptionalAction, default=None,
+                    help="also train CT started from the EDM stage (ECT) beside CT from scratch")
     ap.add_argument("--jobs", type=int, default=2, help="stages trained at once (one thread each)")
     ap.add_argument("--samples", type=int, default=2000, help="samples per condition and NFE")
     ap.add_argument("--toy-transitions", type=int, default=50_000)
@@ -435,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE;KEY=VALUE",
                     help="also run these overrides (on top of --set), as an ablation row")
     args = ap.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.members < 1:
+        ap.error(f"--members: expected at least 1, found {args.members}")
     global STALE_CODE_OK
     STALE_CODE_OK = args.stale_code_ok
     overrides = parse_overrides(args.set)
@@ -445,30 +513,33 @@ def main(argv: list[str] | None = None) -> int:
         label, _, rest = item.partition(":")
         variants[label] = {**overrides, **parse_overrides([kv for kv in rest.split(";") if kv.strip()])}
     out = (REPO / args.out).resolve()
+    global OUT
+    OUT = out
     t0 = time.time()
     jobs, toy_plan, me_plan = [], [], []
+    if args.part in ("all", "me"):  # the analogues first: their stages are the longest
+        j, me_plan = plan_me(args, variants, out)
+        jobs += j
     if args.part in ("all", "toys"):
         j, toy_plan = plan_toys(args, variants, out)
         jobs += j
-    if args.part in ("all", "me"):
-        j, me_plan = plan_me(args, variants, out)
-        jobs += j
     times = run_jobs(jobs, args.jobs)
-    toys, me = toy_results(args, toy_plan, times), me_results(me_plan, times)
+    toys, me = toy_results(args, toy_plan, times), me_results(me_plan, times, args.members)
     results = {label: {"label": label, "overrides": ov, "seeds": args.seeds, "toys": toys.get(label, {}),
-                       "medium_expert": me.get(label, {})} for label, ov in variants.items()}
-    doc = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
+                       "members": args.members, "analogues": me.get(label, {})} for label, ov in variants.items()}
+    doc = {"machine": machine(), "preset": args.preset, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
            "seconds": time.time() - t0, "threads_per_stage": 1, "jobs": args.jobs, "variants": results}
     plain = not overrides and not args.variant
-    dest = args.json or (str(REPO / "benchmarks" / ("quality_ablations.json" if args.ablate else "quality.json"))
-                         if plain else None)
+    name = "quality_ablations.json" if args.ablate else f"quality{'_full' if args.preset == 'full' else ''}.json"
+    dest = args.json or (str(REPO / "benchmarks" / name) if plain else None)
     if dest:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         Path(dest).write_text(json.dumps(doc, indent=1))
         log(f"[quality] wrote {dest}")
     from benchmarks.quality_report import plot_toys, summary, write_markdown
 
-    md = args.md or (str(REPO / "docs" / "quality.md") if plain and not args.ablate else None)
+    page = "quality_full.md" if args.preset == "full" else "quality.md"
+    md = args.md or (str(REPO / "docs" / page) if plain and not args.ablate else None)
     if plain and args.ablate:
         from benchmarks.quality_report import write_ablations
 
@@ -484,6 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(result), flush=True)
     log(f"[quality] total {doc['seconds'] / 60:.1f} min")
     return 0
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [t for t in text.split(",") if t]
+        for n in names:
+            if n not in allowed:
+                raise argparse.ArgumentTypeError(f"{n!r}: expected one of {', '.join(allowed)}")
+        return names
+    return parse
 
 
 def machine() -> dict[str, Any]:

@@ -18,6 +18,10 @@ Behaviours:
   as the nearest state of another strong episode, while at such a state the weak behaviour may lapse. So for many
   states the data's actions are bimodal, as in D4RL's medium-expert. (A weaker gait alone, amplitude 0.6, shares
   under 1% of the states: it runs at another speed.) ``metadata/episode_level`` names each episode's behaviour.
+* ``two-gait``: the same construction with two *different* policies, as D4RL concatenates two agents' data: the weak
+  half is another gait (searched with seed + 1, its own frequency, phases and offsets) at half its swing, about 1,050
+  per episode on HalfCheetah-v5; the strong half is the seed's gait (about 2,600); both under action noise 0.02
+  (:data:`WEAK_GAIT`). The two visit different states, so the data is bimodal across states rather than within them.
 * ``mixed`` (the demo dataset): episodes of the gait at amplitude scales 1.0 / 0.8 / 0.6 / 0.4 and under Gaussian
   action noise of std 0 to 0.2, plus fully random episodes, in turn (:data:`MIXED_SCHEDULE`), so episode returns
   spread from the random level to the gait's (on HalfCheetah-v5 roughly -300, 450, 900, 1800, 2000-3000).
@@ -57,7 +61,10 @@ __all__ = [
     "search_gait",
 ]
 
-BEHAVIOURS = ("random", "scripted", "mixed", "medium-expert")
+BEHAVIOURS = ("random", "scripted", "mixed", "medium-expert", "two-gait")
+#: the weak level of ``two-gait``: (gait-search seed offset, amplitude scale): the gait searched with seed + 1 at half
+#: its swing (on HalfCheetah-v5 about 1,050 per episode against the strong gait's ~2,600; another ω, other phases)
+WEAK_GAIT = (1, 0.5)
 #: the weak level of ``medium-expert``: (first step that may lapse, block length, lapse probability, swing scale)
 LAPSES = (100, 50, 0.5, 0.3)
 MEDIUM_EXPERT_NOISE = 0.02  # action-noise std of both levels
@@ -245,13 +252,13 @@ def _episode_plan(behaviour: str, episode: int, row: int, transitions: int) -> t
         return None
     if behaviour == "scripted":
         return (1.0, 0.0)
-    if behaviour == "medium-expert":
-        return (1.0, MEDIUM_EXPERT_NOISE)  # the weak level's lapses are drawn in collect()
+    if behaviour in ("medium-expert", "two-gait"):
+        return (1.0, MEDIUM_EXPERT_NOISE)  # the weak level (lapses / the other gait) is chosen in collect()
     return MIXED_SCHEDULE[episode % len(MIXED_SCHEDULE)]
 
 
 def _level(row: int, transitions: int) -> str:
-    """medium-expert: the first half of the rows (to the end of the episode running there) is the weak behaviour."""
+    """medium-expert / two-gait: the first half of the rows (to the end of the episode running there) is the weak behaviour."""
     return "medium" if row < transitions // 2 else "expert"
 
 
@@ -289,12 +296,16 @@ def collect(
     t_start = time.perf_counter()
     _make_env(env_id).close()  # a wrong --env fails here, before any search
 
-    gait, gait_score = None, float("nan")
+    gait, gait_score, weak_gait = None, float("nan"), None
     if behaviour != "random":
         _log(progress, f"searching a sine gait for {env_id} (seed {seed})")
         gait, gait_score = search_gait(env_id, seed=seed, budget_steps=search_budget, progress=progress)
         _log(progress, f"gait found: worst-case 1000-step return {gait_score:.0f} "
                        f"({time.perf_counter() - t_start:.1f} s)")
+    if behaviour == "two-gait":
+        offset, scale = WEAK_GAIT
+        other, _ = search_gait(env_id, seed=seed + offset, budget_steps=search_budget, progress=progress)
+        weak_gait = SineGait(other.amplitude * scale, other.phase, other.offset, other.omega, other.ramp)
 
     env = _make_env(env_id)
     amap = _ActionMap(env.action_space)
@@ -324,17 +335,23 @@ def collect(
 
     def plan_actions(episode: int, row: int) -> np.ndarray:
         plan = _episode_plan(behaviour, episode, row, transitions)
-        ep_level.append(_level(row, transitions) if behaviour == "medium-expert" else behaviour)
+        paired = behaviour in ("medium-expert", "two-gait")
+        ep_level.append(_level(row, transitions) if paired else behaviour)
         ep_amp.append(float("nan") if plan is None else plan[0])
         ep_noise.append(float("nan") if plan is None else plan[1])
         if plan is None:
             a = rng.uniform(-1.0, 1.0, size=(EPISODE_STEPS, act_dim))
         else:
             amp, noise = plan
-            if amp not in gait_actions:
-                scaled = SineGait(gait.amplitude * amp, gait.phase, gait.offset, gait.omega, gait.ramp)
-                gait_actions[amp] = scaled.actions(EPISODE_STEPS)
-            a = gait_actions[amp]
+            if weak_gait is not None and ep_level[-1] == "medium":
+                if "weak" not in gait_actions:
+                    gait_actions["weak"] = weak_gait.actions(EPISODE_STEPS)
+                a = gait_actions["weak"]
+            else:
+                if amp not in gait_actions:
+                    scaled = SineGait(gait.amplitude * amp, gait.phase, gait.offset, gait.omega, gait.ramp)
+                    gait_actions[amp] = scaled.actions(EPISODE_STEPS)
+                a = gait_actions[amp]
             if behaviour == "medium-expert":
                 lapse = np.zeros(EPISODE_STEPS, bool)
                 if ep_level[-1] == "medium":
@@ -419,6 +436,8 @@ def collect(
             if gait is not None:
                 meta["gait"] = gait.to_vector()
                 meta["gait_search_return"] = np.float64(gait_score)
+                if weak_gait is not None:
+                    meta["weak_gait"] = weak_gait.to_vector()
                 if behaviour == "medium-expert":
                     meta["lapses"] = np.asarray(LAPSES, np.float64)
                     meta["episode_lapse_steps"] = np.asarray(ep_lapses, np.int64)
@@ -442,7 +461,8 @@ def add_collect_parser(subparsers):
         description="Run a gymnasium MuJoCo environment and write a D4RL-layout HDF5 dataset. "
                     "'mixed' (the demo data) = a searched sine gait at several amplitudes and noise levels plus random "
                     "episodes; 'medium-expert' = D4RL's construction: the gait with lapses (weak), then the gait "
-                    "(strong), half the transitions each; 'scripted' = the gait; 'random' = uniform random actions.",
+                    "(strong), half the transitions each; 'two-gait' = the same with another, weaker gait as the "
+                    "weak half; 'scripted' = the gait; 'random' = uniform random actions.",
     )
     p.add_argument("--env", default="HalfCheetah-v5", help="gymnasium id (default: HalfCheetah-v5)")
     p.add_argument("--out", required=True, help="output HDF5 file (written atomically)")
