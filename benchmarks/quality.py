@@ -46,8 +46,8 @@ import numpy as np
 import yaml
 
 from idql_cm.backbones import backbone, builtin_kinds
-from idql_cm.data.toys import QUALITY_TOYS
 from idql_cm.cli import compose_config
+from idql_cm.data.toys import QUALITY_TOYS
 from idql_cm.fileio import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]

@@ -189,7 +189,7 @@ def _turn_condition(modes: tuple[Mode, ...], rng: np.random.Generator) -> tuple[
     """The same modes turned by a random angle, their (std, weight) pairs shuffled among the centres."""
     angle = rng.uniform(0.0, 2 * math.pi)
     order = rng.permutation(len(modes))
-    return tuple(Mode(_turned(m.centre, angle), modes[j].std, modes[j].weight) for m, j in zip(modes, order))
+    return tuple(Mode(_turned(m.centre, angle), modes[j].std, modes[j].weight) for m, j in zip(modes, order, strict=True))
 
 
 def _far(seed: int) -> Toy:
