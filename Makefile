@@ -7,13 +7,14 @@ TASK   ?= halfcheetah-medium-v2
 SEED   ?= 0
 SEEDS  ?= 1
 
-.PHONY: install demo test test-fast lint bench quality quality-ablate quality-guidance pipeline report clean help
+.PHONY: install demo test test-fast lint bench quality quality-full quality-ablate quality-guidance pipeline report clean help
 
 help:
 	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL, EDM, CD, CT and MeanFlow on CPU, evaluate, report"
 	@echo "make test      - run the test suite"
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
-	@echo "make quality   - generative-policy quality on known toys + a medium-expert analogue (CPU, ~15 min)"
+	@echo "make quality   - generative-policy quality on six known toys + a medium-expert analogue, one seed (CPU, ~35 min)"
+	@echo "make quality-full - the verdict over seeds: toys at 3 data seeds, two analogues x 5 members, CT from EDM (CPU, hours)"
 	@echo "make quality-guidance - critic-guided one-step policies (q_weight) on the paid toy and the medium-expert analogue (CPU, ~70 min)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEEDS=5 - the same, every stage a 5-member ensemble (seeds SEED..SEED+4)"
@@ -40,6 +41,9 @@ bench: $(STAMP)
 
 quality: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality --out results/quality
+
+quality-full: $(STAMP)
+	@$(BIN)/python -m benchmarks.quality --preset full --out results/quality
 
 quality-guidance: $(STAMP)
 	@$(BIN)/python -m benchmarks.quality_guidance --out results/quality

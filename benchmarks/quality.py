@@ -530,22 +530,28 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": machine(), "preset": args.preset, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
            "seconds": time.time() - t0, "threads_per_stage": 1, "jobs": args.jobs, "variants": results}
     plain = not overrides and not args.variant
-    name = "quality_ablations.json" if args.ablate else f"quality{'_full' if args.preset == 'full' else ''}.json"
+    full = args.preset == "full"
+    name = "quality_ablations.json" if args.ablate else f"quality{'_full' if full else ''}.json"
     dest = args.json or (str(REPO / "benchmarks" / name) if plain else None)
+    if full and plain and not args.ablate:
+        doc = merge_parts(doc, Path(dest), args.part)
+        results = doc["variants"]
     if dest:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         Path(dest).write_text(json.dumps(doc, indent=1))
         log(f"[quality] wrote {dest}")
-    from benchmarks.quality_report import plot_toys, summary, write_markdown
+    from benchmarks.quality_report import plot_toys, summary, write_full_section, write_markdown
 
-    page = "quality_full.md" if args.preset == "full" else "quality.md"
-    md = args.md or (str(REPO / "docs" / page) if plain and not args.ablate else None)
+    md = args.md or (str(REPO / "docs" / "quality.md") if plain and not args.ablate else None)
     if plain and args.ablate:
         from benchmarks.quality_report import write_ablations
 
         write_ablations(doc, REPO / "docs" / "quality.md")
         log("[quality] wrote the ablation table into docs/quality.md")
-    if md:
+    if md and full:
+        write_full_section(doc, Path(md))
+        log(f"[quality] wrote the full run's section of {md}")
+    elif md:
         figure = Path(md).with_name("quality_toys.png")
         if SAMPLES.get(args.label):
             plot_toys(SAMPLES[args.label], figure, args.samples, args.seeds[0])
@@ -555,6 +561,26 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(result), flush=True)
     log(f"[quality] total {doc['seconds'] / 60:.1f} min")
     return 0
+
+
+def merge_parts(doc: dict[str, Any], path: Path, part: str) -> dict[str, Any]:
+    """A full run of one part (``--part toys`` / ``me``) replaces that part of the last full run's figures and keeps
+    the other; ``parts`` says when each was measured and how long it took."""
+    when = f"{doc['started']}, {doc['seconds'] / 60:.0f} min"
+    stamps = {"toys": when, "analogues": when} if part == "all" else {"toys" if part == "toys" else "analogues": when}
+    if part == "all" or not path.exists():
+        return {**doc, "parts": stamps}
+    old = json.loads(path.read_text())
+    key = "toys" if part == "toys" else "analogues"
+    keep = "analogues" if key == "toys" else "toys"
+    for label, result in doc["variants"].items():
+        before = old.get("variants", {}).get(label, {})
+        result[keep] = before.get(keep, {})
+        if keep == "toys":
+            result["seeds"] = before.get("seeds", result["seeds"])
+        else:
+            result["members"] = before.get("members", result["members"])
+    return {**doc, "parts": {**old.get("parts", {}), **stamps}}
 
 
 def _names(allowed: tuple[str, ...]):

@@ -117,7 +117,7 @@ def paid_metrics(ckpt: Path, n: int, seed: int) -> dict[str, float]:
     toy, policy = TOYS["paid"], load_actor(str(ckpt), device="cpu")
     g = torch.Generator().manual_seed(seed)
     paid, near = [], []
-    for c in range(toy.obs_dim):
+    for c in range(toy.num_conditions):
         act = policy.sample(torch.from_numpy(toy.obs(c, n)), nfe=1, generator=g).numpy()
         d = np.linalg.norm(act[:, None] - toy.centres(c)[None], axis=-1)
         paid.append(float((d[:, toy.paid[c]] < RADIUS).mean()))

@@ -150,3 +150,22 @@ def test_medium_expert_is_the_d4rl_construction(tmp_path):
     assert not lapsed[:, :100].any() and 0.2 < lapsed[:, 100:].mean() < 0.8
     assert (lapsed[:, 100:].reshape(4, 18, 50).mean(-1) % 1 == 0).all()  # whole blocks
     assert gap[4:].mean() < 0.03 and gap[:4][~lapsed].mean() < 0.03  # elsewhere: the strong gait + noise 0.02
+
+
+def test_two_gait_is_two_different_policies(tmp_path):
+    """``two-gait``: the weak half is *another* gait (searched with seed + 1, its own frequency and phases) at half its
+    swing, not the strong gait with lapses; both under noise 0.02, the weak one clearly weaker."""
+    path = collect("HalfCheetah-v5", tmp_path / "tg.hdf5", transitions=4_000, seed=0, behaviour="two-gait",
+                   progress=False)
+    with h5py.File(path, "r") as f:
+        levels = f["metadata/episode_level"][()].astype(str).tolist()
+        returns = f["metadata/episode_returns"][()]
+        act = f["actions"][()].reshape(4, 1000, -1)
+        strong = SineGait.from_vector(f["metadata/gait"][()])
+        weak = SineGait.from_vector(f["metadata/weak_gait"][()])
+    assert levels == ["medium"] * 2 + ["expert"] * 2
+    assert abs(weak.omega - strong.omega) > 0.01  # another gait, not a scaled copy
+    assert returns[2:].min() > 1.5 * returns[:2].max()
+    assert np.abs(act[:2] - weak.actions(1000)).mean() < 0.03  # each half plays its own gait (+ noise 0.02)
+    assert np.abs(act[2:] - strong.actions(1000)).mean() < 0.03
+    assert np.abs(act[:2] - strong.actions(1000)).mean() > 0.1
