@@ -147,6 +147,7 @@ class Job:
     log_path: Path
     deps: tuple[str, ...] = ()
     done: Path | None = None  # skip the job when this file exists (an earlier run of the same config finished)
+    reuse: bool = True  # False: ``done`` was written by other code; train again (the file goes when training starts)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     t0: float = 0.0
     seconds: float = 0.0
@@ -180,12 +181,14 @@ def run_jobs(jobs: list[Job], max_jobs: int) -> dict[str, float]:
             if _running_elsewhere(job):  # another `make quality` into the same --out trains it: wait for that
                 pending.append(job)
                 continue
-            if job.done is not None and job.done.exists():
+            if job.reuse and job.done is not None and job.done.exists():
                 finished[job.name] = 0.0
                 log(f"[quality] {job.name}: finished earlier, skipped")
                 continue
             job.log_path.parent.mkdir(parents=True, exist_ok=True)
             (job.log_path.parent / ".running").write_text(str(os.getpid()))
+            if job.done is not None:  # an aborted run must not leave an older result under this code's hash
+                job.done.unlink(missing_ok=True)
             (job.log_path.parent / "code.sha256").write_text(code_digest())
             job.t0 = time.time()
             job.proc = subprocess.Popen(job.cmd, stdout=job.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
@@ -240,12 +243,12 @@ def fit_job(cfg: dict, base: Path, stage: str, deps: tuple[str, ...] = ()) -> tu
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     has_eval = any(cb.get("class_path") == EVAL_CLASS for cb in cfg["trainer"].get("callbacks", []))
     done = (root / "eval_report.json") if has_eval else (root / "checkpoints" / "last.ckpt")
-    # the code's defaults count too: a stage trained by other code is retrained (unless --stale-code-ok)
+    # the code's defaults count too: a stage trained by other code is retrained (unless --stale-code-ok); its files
+    # stay until the new training overwrites them (planning alone, or an aborted run, deletes nothing)
     code = root / "code.sha256"
-    if done.exists() and not STALE_CODE_OK and (not code.exists() or code.read_text() != code_digest()):
-        done.unlink()
+    stale = not STALE_CODE_OK and (not code.exists() or code.read_text() != code_digest())
     job = Job(jobs_name(root), [sys.executable, "-m", "idql_cm", "fit", "--config", str(cfg_path)], root / "fit.log", deps,
-              done=done)
+              done=done, reuse=not stale)
     return job, root
 
 

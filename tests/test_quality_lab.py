@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import h5py
 import numpy as np
@@ -197,3 +198,23 @@ def test_full_run_of_one_part_keeps_the_other(tmp_path):
     assert "| t | CT | 1 | 0.900 | 0.900 |" in text and "| 1 | 23.0 ± 0.5 | 20.0 ± 1.0 |" in text
     quality_report.write_full_section({**merged, "machine": {"cpu": "c", "cores": 2, "torch": "t"}, "jobs": 2}, md)
     assert md.read_text() == text  # replaced in place, not appended
+
+
+def test_planning_deletes_nothing_and_a_stale_stage_is_retrained(tmp_path, monkeypatch):
+    """A stage trained by other code keeps its files through planning (a dry plan, an aborted run); it is not
+    reused, and its old result goes only when its new training starts."""
+    monkeypatch.setattr(quality, "OUT", tmp_path)
+    cfg = quality.stage_config("edm", tmp_path / "d.hdf5", 0, {}, evaluate=False)
+    job, root = quality.fit_job(cfg, tmp_path, "edm")
+    (root / "checkpoints").mkdir()
+    (root / "checkpoints" / "last.ckpt").write_text("old")
+    (root / "code.sha256").write_text("other code")
+    job, _ = quality.fit_job(cfg, tmp_path, "edm")
+    assert (root / "checkpoints" / "last.ckpt").exists() and not job.reuse
+    (root / "code.sha256").write_text(quality.code_digest())
+    job, _ = quality.fit_job(cfg, tmp_path, "edm")
+    assert job.reuse
+    job.cmd = [sys.executable, "-c", "pass"]
+    job.reuse = False
+    quality.run_jobs([job], 1)
+    assert not (root / "checkpoints" / "last.ckpt").exists()  # the stand-in training wrote nothing new
