@@ -24,6 +24,7 @@ from idql_cm.checkpoint import (
     read_actor_checkpoint,
     read_checkpoint,
 )
+from idql_cm.diffusion.edm import standard_normal
 from idql_cm.nets.critics import TwinQ, ValueNet
 
 
@@ -43,6 +44,7 @@ class Actor:
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""  # how it samples, in a word (an export's "solver" field)
     q_weight: float = 0.0  # η of the critic guidance it was trained with (0: a plain behaviour policy)
+    noise_scale: float = 1.0  # λ: the initial draw is λ·ε (a sampling temperature; 1: the trained distribution)
 
     @property
     def kind(self) -> str:
@@ -65,6 +67,10 @@ class Actor:
         """``obs: [B, obs_dim]`` raw → ``act: [B, act_dim]`` with ``nfe`` network evaluations each; ``noise``: the
         sampler's standard normals ``[nfe, B, act_dim]`` instead of draws from ``generator``."""
         obs_n = (obs.to(self.obs_mean.device, torch.float32) - self.obs_mean) / self.obs_std
+        if self.noise_scale != 1.0:  # every sampler starts from noise[0]: scale that draw, given or drawn here
+            if noise is None:
+                noise = standard_normal((nfe, obs_n.shape[0], int(self.act_dim)), obs_n, generator)
+            noise = torch.cat([noise[:1] * self.noise_scale, noise[1:]])
         return self.spec.sample(self.model, obs_n, nfe, generator=generator, noise=noise, **self.options)
 
     @classmethod
@@ -75,7 +81,8 @@ class Actor:
         return cls(spec=spec, model=model, obs_mean=obs_mean, obs_std=obs_std, act_dim=int(payload["act_dim"]),
                    env_id=payload.get("env_id"), task=payload.get("dataset"),
                    options=spec.options(payload, device), description=spec.describe(payload),
-                   q_weight=float(payload.get("q_weight") or 0.0))
+                   q_weight=float(payload.get("q_weight") or 0.0),
+                   noise_scale=float(payload.get("sample_noise_scale", 1.0)))
 
 
 @dataclass

@@ -92,6 +92,7 @@ class BehaviourModule(IDQLModule):
         q_weight: float = 0.0,
         critic_ckpt: str | None = None,
         init_from: str | None = None,
+        sample_noise_scale: float = 1.0,
     ) -> None:
         """``q_weight`` (η, 0 = off: plain IDQL): train the one-step map against the IQL critic of ``critic_ckpt``
         as well (:mod:`idql_cm.modules.guidance`); the CLI defaults ``critic_ckpt`` to the rollout evaluation's
@@ -100,11 +101,18 @@ class BehaviourModule(IDQLModule):
         ``init_from``: a checkpoint of the same data to start from instead of random weights, of a kind in
         :meth:`init_kinds` (this backbone's own: a fine-tuning stage, e.g. guidance added to a trained policy; CT
         also takes an EDM). The online and EMA networks start as its EMA network, whose architecture they take
-        (``net`` here is then not used); with ``num_seeds: S`` it must hold S members (member k from member k)."""
+        (``net`` here is then not used); with ``num_seeds: S`` it must hold S members (member k from member k).
+
+        ``sample_noise_scale`` (λ, default 1: the trained distribution): the policy's samplers start from λ·ε instead
+        of ε, a sampling temperature that concentrates the samples (the checkpoint records it; ``load_actor`` and the
+        evaluation use it). Training does not depend on it."""
         super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
         self.q_weight = check_q_weight(q_weight)
         self.critic_ckpt = critic_ckpt
         self.init_from = init_from
+        self.sample_noise_scale = float(sample_noise_scale)
+        if not 0.0 <= self.sample_noise_scale < float("inf"):
+            raise ConfigError(f"model.sample_noise_scale: expected a finite number >= 0, found {sample_noise_scale}")
         self.init_sha256: str | None = None
         self.guidance: CriticGuidance | None = None  # built with the nets when q_weight > 0
         self.net_cfg = net
@@ -162,6 +170,8 @@ class BehaviourModule(IDQLModule):
                        critic_sha256=self.guidance.sha256)
         if self.init_from is not None:
             out.update(init_from=os.path.abspath(self.init_from), init_sha256=self.init_sha256)
+        if self.sample_noise_scale != 1.0:
+            out.update(sample_noise_scale=self.sample_noise_scale)
         return out
 
     # ------------------------------------------------------------------ init_from

@@ -1,0 +1,91 @@
+"""``sample_noise_scale`` (λ): every backbone's sampler starts from λ·ε; 1 leaves sampling as it was; the checkpoint,
+the evaluation report and the export carry it; a bad value is refused in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from idql_cm import load_actor
+from tests.cli_utils import CONFIGS, shrink_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few steps of every shipped demo backbone on a small HalfCheetah-layout file, CT also at λ 0.5 with an
+    evaluation (IQL critic, NFE 1)."""
+    from idql_cm.cli import main
+    from idql_cm.data.synthetic import write_d4rl_file
+
+    root = tmp_path_factory.mktemp("noise_scale")
+    data = str(write_d4rl_file(root / "cheetah.hdf5", n_episodes=2, episode_len=40, env_id="HalfCheetah-v5"))
+    iql = shrink_config(CONFIGS / "demo" / "iql.yaml", root / "iql.yaml", root / "iql", data, steps=2)
+    assert main(["fit", "--config", str(iql)]) == 0
+    critic = str(root / "iql" / "checkpoints" / "last.ckpt")
+    ckpts = {}
+    for kind in ("edm", "ct", "meanflow"):
+        cfg = shrink_config(CONFIGS / "demo" / f"{kind}.yaml", root / f"{kind}.yaml", root / kind, data, steps=2,
+                            keep_eval=False)
+        assert main(["fit", "--config", str(cfg)]) == 0
+        ckpts[kind] = str(root / kind / "checkpoints" / "last.ckpt")
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", root / "ct_half.yaml", root / "ct_half", data, steps=2,
+                        eval_args={"nfe": [1], "critic_ckpt": critic}, model_args={"sample_noise_scale": 0.5})
+    assert main(["fit", "--config", str(cfg)]) == 0
+    ckpts["ct_half"] = str(root / "ct_half" / "checkpoints" / "last.ckpt")
+    return root, ckpts
+
+
+@pytest.mark.parametrize("kind", ["edm", "ct", "meanflow"])
+def test_the_initial_draw_is_scaled_and_nothing_else(trained, kind):
+    actor = load_actor(trained[1][kind], device="cpu").actor
+    assert actor.noise_scale == 1.0  # not recorded: as trained
+    obs, nfe = torch.randn(16, actor.obs_dim), 2
+    z = torch.randn(nfe, 16, actor.act_dim, generator=torch.Generator().manual_seed(3))
+    half = dataclasses.replace(actor, noise_scale=0.5)
+    scaled = torch.cat([0.5 * z[:1], z[1:]])
+    assert torch.equal(half.sample(obs, nfe, noise=z), actor.sample(obs, nfe, noise=scaled))
+    # drawn: the same generator gives the same draws, scaled
+    drawn = half.sample(obs, nfe, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, actor.sample(obs, nfe, noise=scaled))
+    assert not torch.equal(drawn, actor.sample(obs, nfe, noise=z))  # so the check can fail
+    # λ 1 is the sampler untouched: the sampler's own draws, bit for bit
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    one = dataclasses.replace(actor, noise_scale=1.0)
+    assert torch.equal(one.sample(obs, nfe, generator=g1),
+                       actor.spec.sample(actor.model, (obs - actor.obs_mean) / actor.obs_std, nfe, generator=g2,
+                                         **actor.options))
+
+
+def test_the_checkpoint_the_evaluation_and_the_export_carry_it(trained, tmp_path):
+    root, ckpts = trained
+    assert load_actor(ckpts["ct_half"], device="cpu").actor.noise_scale == 0.5
+    assert torch.load(ckpts["ct_half"], weights_only=False)["idql_cm"]["sample_noise_scale"] == 0.5
+    assert json.loads((root / "ct_half" / "eval_report.json").read_text())["noise_scale"] == 0.5
+    from idql_cm.cli import main
+
+    out = tmp_path / "ct.pt"
+    assert main(["export", "--actor", ckpts["ct_half"], "--nfe", "1", "--format", "torchscript", "--out",
+                 str(out)]) == 0
+    from idql_cm.export.runtime import read_metadata
+
+    assert read_metadata(str(out))["noise_scale"] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["-0.5", "nan", "inf"])
+def test_a_noise_scale_that_is_not_a_finite_number_at_least_zero_is_refused(trained, tmp_path, capsys, bad):
+    import os
+
+    from idql_cm.cli import main
+
+    root, _ = trained
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct",
+                        str(root / "cheetah.hdf5"), keep_eval=False)
+    os.environ.pop("IDQL_CM_DEBUG", None)
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg), "--model.init_args.sample_noise_scale", bad]) != 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("idql-cm: error:")]
+    assert len(err) == 1 and "sample_noise_scale" in err[0] and bad in err[0].lower()
+    assert not (tmp_path / "ct").exists()
