@@ -31,8 +31,8 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t]
 
 
-def evaluate_stage(stage: Path, critic: Path, members: int, nfe: int, scale: float, episodes: int,
-                   env_id: str) -> dict[str, Any]:
+def evaluate_stage(stage: Path, members: int, nfe: int, scale: float, episodes: int, env_id: str) -> dict[str, Any]:
+    """Every member of ``stage`` with its critic member (the stage's own evaluation critic and settings)."""
     import torch
 
     from idql_cm import load_agent
@@ -41,6 +41,7 @@ def evaluate_stage(stage: Path, critic: Path, members: int, nfe: int, scale: flo
 
     cfg = yaml.safe_load((stage / "stage.yaml").read_text())
     ev = next(cb["init_args"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == EVAL_CLASS)
+    critic = ev["critic_ckpt"]
     scores = []
     for m in range(members):
         member = m if members > 1 else None
@@ -55,17 +56,22 @@ def evaluate_stage(stage: Path, critic: Path, members: int, nfe: int, scale: flo
     return {"score": float(np.mean(scores)), "se": se, "members": scores}
 
 
+def _cell(by_scale: dict[str, Any], s: float) -> str:
+    c = next((v for k, v in by_scale.items() if float(k) == s), None)
+    return f"{c['score']:.1f} ± {c['se']:.1f}" if c else "—"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [START, "", f"`python -m benchmarks.noise_scale` ({doc['started']}, {doc['seconds'] / 60:.0f} min, "
              f"{doc['machine']}): IDQL at NFE {doc['nfe']} with the initial draw λ·ε, {doc['members']} members, "
              f"{doc['episodes']} episodes per member (the same episode seeds in every cell), across-seed mean ± SE.", ""]
     for analogue, by_stage in doc["analogues"].items():
-        scales = doc["scales"]
+        scales = sorted({float(k) for cells in by_stage.values() for k in cells}, reverse=True)
         lines += [f"**{analogue}**", "", "| backbone | " + " | ".join(f"λ {s:g}" for s in scales) + " |",
                   "| --- | " + " | ".join("---:" for _ in scales) + " |"]
         for stage, by_scale in by_stage.items():
             lines.append(f"| {stage} | " + " | ".join(
-                f"{by_scale[str(s)]['score']:.1f} ± {by_scale[str(s)]['se']:.1f}" if str(s) in by_scale else "—"
+                _cell(by_scale, s)
                 for s in scales) + " |")
         lines.append("")
     lines.append(END)
@@ -91,12 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=20, help="per member")
     ap.add_argument("--env", default="HalfCheetah-v5")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "quality_full.json"), help="the stages to sweep")
+    ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH",
+                    help="sweep these stage folders instead (one analogue, named by --label)")
+    ap.add_argument("--label", default="stages", help="the analogue's name for --stage")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "quality_noise_scale.json"))
     ap.add_argument("--md", default=str(REPO / "docs" / "quality.md"))
     args = ap.parse_args(argv)
     import platform
 
-    result = next(iter(json.loads(Path(args.json).read_text())["variants"].values()))
+    if args.stage:
+        import torch
+
+        stages = dict(item.split("=", 1) for item in args.stage)
+        held = torch.load(Path(next(iter(stages.values()))) / "checkpoints" / "last.ckpt", map_location="cpu",
+                          weights_only=False)["idql_cm"].get("num_seeds", 1)
+        result = {"analogues": {args.label: {"stages": stages, "members": int(held)}}}
+        args.analogues = [args.label]
+    else:
+        result = next(iter(json.loads(Path(args.json).read_text())["variants"].values()))
     t0 = time.time()
     doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
                            "machine": f"{platform.machine()}, torch on CPU, one thread", "nfe": args.nfe,
@@ -106,20 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         if row is None:
             sys.exit(f"noise_scale: error: --analogues: {analogue!r} is not in {args.json}")
         doc["members"] = row["members"]
-        critic = Path(row["stages"]["iql"]) / "checkpoints" / "last.ckpt"
         out = doc["analogues"].setdefault(analogue, {})
         for stage in args.backbones:
             if stage not in row["stages"]:
                 continue
             for s in args.scales:
                 t = time.time()
-                cell = evaluate_stage(Path(row["stages"][stage]), critic, row["members"], args.nfe, s, args.episodes,
-                                      args.env)
+                cell = evaluate_stage(Path(row["stages"][stage]), row["members"], args.nfe, s, args.episodes, args.env)
                 out.setdefault(stage, {})[str(s)] = cell
                 print(f"[noise-scale] {analogue} {stage} λ {s:g}: {cell['score']:.1f} ± {cell['se']:.1f} "
                       f"({time.time() - t:.0f} s)", flush=True)
     doc["seconds"] = time.time() - t0
-    Path(args.out).write_text(json.dumps(doc, indent=1))
+    out_path = Path(args.out)
+    if out_path.exists():  # other analogues' sweeps stay
+        old = json.loads(out_path.read_text())
+        doc["analogues"] = {**old.get("analogues", {}), **doc["analogues"]}
+    out_path.write_text(json.dumps(doc, indent=1))
     write_section(doc, Path(args.md))
     print(markdown(doc))
     return 0
