@@ -127,17 +127,7 @@ class IDQLModule(pl.LightningModule):
         self.data_info: dict[str, Any] = {}
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
         self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
-        self._opt_cache: tuple[Any, Any, Any] | None = None  # (trainer, optimizer, scheduler) of this fit
         self._step_logs: list[tuple[str, Any, dict[str, Any]]] = []  # this iteration's scalars (see log_scalar)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets bookkeeping attributes (_current_fx_name, ...) many times a step, and nn.Module.__setattr__
-        # checks parameters, buffers and submodules each time (docs/performance.md). For a name that is already a
-        # plain attribute and a value that is no tensor or module, nn.Module ends in object.__setattr__ anyway.
-        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -369,12 +359,9 @@ class IDQLModule(pl.LightningModule):
             sched.step()  # also after a skipped update, as Lightning's automatic loop does
 
     def _opt_and_sched(self):
-        """This fit's (LightningOptimizer, scheduler or None), looked up once per fit rather than every step."""
-        trainer = self.trainer
-        if self._opt_cache is None or self._opt_cache[0] is not trainer:
-            sched = self.lr_schedulers()
-            self._opt_cache = (trainer, self.optimizers(), sched[0] if isinstance(sched, list) else sched)
-        return self._opt_cache[1], self._opt_cache[2]
+        """This fit's (LightningOptimizer, scheduler or None)."""
+        sched = self.lr_schedulers()
+        return self.optimizers(), sched[0] if isinstance(sched, list) else sched
 
     @staticmethod
     def check_trainer(trainer: pl.Trainer) -> None:
