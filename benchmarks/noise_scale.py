@@ -31,7 +31,8 @@ def _floats(text: str) -> list[float]:
     return [float(t) for t in text.split(",") if t]
 
 
-def evaluate_stage(stage: Path, members: int, nfe: int, scale: float, episodes: int, env_id: str) -> dict[str, Any]:
+def evaluate_stage(stage: Path, members: int, nfe: int, scale: float, episodes: int, env_id: str,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every member of ``stage`` with its critic member (the stage's own evaluation critic and settings)."""
     import torch
 
@@ -48,7 +49,8 @@ def evaluate_stage(stage: Path, members: int, nfe: int, scale: float, episodes: 
         agent = load_agent(str(stage / "checkpoints" / "last.ckpt"), str(critic), num_candidates=ev["num_candidates"],
                            temperature=ev["temperature"], selection=ev.get("selection", "softmax"), device="cpu",
                            member=member)
-        agent.actor = dataclasses.replace(agent.actor, noise_scale=scale)
+        agent.actor = dataclasses.replace(agent.actor, noise_scale=scale,
+                                          options={**agent.actor.options, **(options or {})})
         r = evaluate(agent, env_id, episodes=episodes, num_envs=episodes, nfe=nfe, seed=1000 + m,
                      generator=torch.Generator().manual_seed(m))
         scores.append(float(normalized_score(task_family(env_id), np.asarray(r.returns)).mean()))
@@ -100,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", action="append", default=[], metavar="NAME=PATH",
                     help="sweep these stage folders instead (one analogue, named by --label)")
     ap.add_argument("--label", default="stages", help="the analogue's name for --stage")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a sampler option replacing the checkpoint's (e.g. renoise_min=2.515 for CT / CD)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "quality_noise_scale.json"))
     ap.add_argument("--md", default=str(REPO / "docs" / "quality.md"))
     args = ap.parse_args(argv)
     import platform
+
+    options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.option)}
 
     if args.stage:
         import torch
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     doc: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
                            "machine": f"{platform.machine()}, torch on CPU, one thread", "nfe": args.nfe,
-                           "episodes": args.episodes, "scales": args.scales, "analogues": {}}
+                           "episodes": args.episodes, "scales": args.scales, "options": options, "analogues": {}}
     for analogue in args.analogues:
         row = result["analogues"].get(analogue)
         if row is None:
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for s in args.scales:
                 t = time.time()
-                cell = evaluate_stage(Path(row["stages"][stage]), row["members"], args.nfe, s, args.episodes, args.env)
+                cell = evaluate_stage(Path(row["stages"][stage]), row["members"], args.nfe, s, args.episodes, args.env,
+                                      options)
                 out.setdefault(stage, {})[str(s)] = cell
                 print(f"[noise-scale] {analogue} {stage} λ {s:g}: {cell['score']:.1f} ± {cell['se']:.1f} "
                       f"({time.time() - t:.0f} s)", flush=True)

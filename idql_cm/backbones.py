@@ -212,7 +212,7 @@ def consistency_options(payload: Mapping[str, Any], device: Any = None) -> dict[
     if payload.get("renoise") == "train_grid" and intervals:
         m = payload["method"]
         grid = karras_sigmas(int(intervals), m["sigma_min"], m["sigma_max"], m["rho"], device=device)
-    return {"train_grid": grid}
+    return {"train_grid": grid, "renoise_min": payload.get("renoise_min")}
 
 
 EDM = register_backbone(BackboneSpec(

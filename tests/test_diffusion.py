@@ -229,6 +229,18 @@ def test_cm_sampler_renoises_on_the_training_grid(nfe, seen):
     assert fine.tolist() == pytest.approx([0.002, 0.16975, 2.51522, 17.52783, 80.0], rel=2e-3)
 
 
+@pytest.mark.parametrize("nfe, seen", [(1, [80.0]), (2, [80.0, 2.51522]), (4, [80.0, 30.18326, 9.72320, 2.51522])])
+def test_renoise_min_keeps_every_level_at_or_above_it(nfe, seen):
+    """``renoise_min`` 2.515: the levels are the ρ-7 grid from it to σ_max (30.18 and 9.72 lie on the 18-interval
+    grid as well), exactly nfe evaluations, none below the floor; without it NFE 4 re-noises at 0.242."""
+    cm = ConsistencyModel(CountingNet(small_net())).eval()
+    cm_sample(cm, torch.randn(5, OBS), nfe, generator=torch.Generator().manual_seed(0), train_grid=karras_sigmas(18),
+              renoise_min=2.51522)
+    assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
+    lo, hi = 2.51522 ** (1 / 7), 80.0 ** (1 / 7)  # the hand computation of the 3-interval ρ-7 grid
+    assert [(lo + i / 3 * (hi - lo)) ** 7 for i in (2, 1)] == pytest.approx([30.18326, 9.72320], rel=1e-4)
+
+
 def test_cm_sampler_refuses_more_levels_than_the_training_grid_has():
     cm = ConsistencyModel(small_net()).eval()
     sampling_sigmas(cm, 4, karras_sigmas(4))  # exactly the grid

@@ -89,3 +89,31 @@ def test_a_noise_scale_that_is_not_a_finite_number_at_least_zero_is_refused(trai
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("idql-cm: error:")]
     assert len(err) == 1 and "sample_noise_scale" in err[0] and bad in err[0].lower()
     assert not (tmp_path / "ct").exists()
+
+
+def test_renoise_min_is_recorded_and_used_and_a_level_outside_the_range_is_refused(trained, tmp_path, capsys):
+    """``model.renoise_min`` on a consistency backbone: the checkpoint records it and the loaded policy re-noises no
+    lower (counted levels); 0.001 (below σ_min) and 80 (σ_max) are refused in one line before any work."""
+    import os
+
+    from idql_cm.cli import main
+
+    root, _ = trained
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct",
+                        str(root / "cheetah.hdf5"), keep_eval=False, model_args={"renoise_min": 2.5})
+    assert main(["fit", "--config", str(cfg)]) == 0
+    actor = load_actor(str(tmp_path / "ct" / "checkpoints" / "last.ckpt"), device="cpu").actor
+    assert actor.options["renoise_min"] == 2.5
+    seen = []
+    actor.model.net.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1].flatten()[0])))
+    actor.sample(torch.randn(3, actor.obs_dim), 4, generator=torch.Generator().manual_seed(0))
+    sigmas = [float(torch.exp(torch.tensor(4 * c))) for c in seen]  # c_noise = ¼ ln σ
+    assert len(sigmas) == 4 and 2.5 * 0.99 <= min(sigmas) < 3.0  # snapped to the (2-step) curriculum grid
+    os.environ.pop("IDQL_CM_DEBUG", None)
+    for bad in ("0.001", "80"):
+        capsys.readouterr()
+        assert main(["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "bad"),
+                     "--model.init_args.renoise_min", bad]) != 0
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("idql-cm: error:")]
+        assert len(err) == 1 and "model.renoise_min" in err[0] and bad in err[0]
+    assert not (tmp_path / "bad").exists()

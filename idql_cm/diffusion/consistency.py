@@ -23,7 +23,7 @@ from idql_cm.diffusion.edm import (
     ode_step,
     stacked,
 )
-from idql_cm.diffusion.schedules import snap_to_grid
+from idql_cm.diffusion.schedules import karras_sigmas, snap_to_grid
 from idql_cm.errors import ConfigError
 
 
@@ -90,15 +90,17 @@ def cm_sample(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     train_grid: torch.Tensor | None = None,
+    renoise_min: float | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` with ``nfe`` evaluations: one step from ``x = randn·σ_max``, then re-noising at the
     inner points of the Karras grid of nfe intervals (nfe 2: σ = 2.515; nfe 4: 17.53, 2.515, 0.170).
 
     ``train_grid``: the σ-grid the model was trained on (:func:`sampling_sigmas`); the re-noising levels are then
-    moved to its nearest points (18-interval CD grid, nfe 4: 21.11, 2.515, 0.242).
+    moved to its nearest points (18-interval CD grid, nfe 4: 21.11, 2.515, 0.242). ``renoise_min``: the lowest
+    re-noising level (see :func:`sampling_sigmas`).
     ``noise``: all standard-normal draws as ``[nfe, B, A]`` (``noise[0]`` the initial draw, ``noise[1:]`` the
     re-noising draws), for bit-exact replays (e.g. against an exported graph); None draws them with ``generator``."""
-    sigmas = sampling_sigmas(model, nfe, train_grid, device=obs.device)
+    sigmas = sampling_sigmas(model, nfe, train_grid, device=obs.device, renoise_min=renoise_min)
     shape = (obs.shape[0], model.act_dim)
     check_noise(noise, nfe, shape)
     x = (_randn(shape, obs, generator) if noise is None else noise[0]) * model.sigma_max
@@ -114,13 +116,20 @@ def cm_one_step(model: ConsistencyModel, obs: torch.Tensor, noise: torch.Tensor)
 
 
 def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | None = None,
-                    device=None) -> torch.Tensor:
+                    device=None, renoise_min: float | None = None) -> torch.Tensor:
     """The ascending σ-grid of ``nfe``-step consistency sampling: the Karras grid of nfe intervals, with its inner
     points moved onto ``train_grid`` (nearest in log σ) when given. Refuses an nfe the training grid cannot honour
-    (two levels on one grid point)."""
+    (two levels on one grid point).
+
+    ``renoise_min``: the inner levels are instead the ρ-grid of nfe − 2 intervals from ``renoise_min`` up to σ_max
+    (without σ_max): nfe 2 re-noises at ``renoise_min``, nfe 4 (ρ 7, from 2.515) at 2.515, 9.73 and 30.1 — no level
+    below it, where a distilled model may not remove the noise it is given."""
     if nfe < 1:
         raise ConfigError(f"consistency sampling: expected nfe ≥ 1, found nfe={nfe}")
     sigmas = model.sigmas(nfe, device=device)
+    if renoise_min is not None and nfe >= 2:
+        upper = karras_sigmas(nfe - 1, float(renoise_min), model.sigma_max, model.rho, device=device)
+        sigmas = torch.cat([sigmas[:1], upper])
     if train_grid is None or nfe < 2:
         return sigmas
     # Deliberate difference: the reference re-noises at the Karras levels of nfe intervals whatever the model was

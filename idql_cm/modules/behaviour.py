@@ -349,17 +349,26 @@ class ConsistencyBehaviour(BehaviourModule):
 
     RENOISE = ("train_grid", "karras")
 
-    def __init__(self, renoise: str = "train_grid", clip_student: bool = False, **kwargs: Any) -> None:
+    def __init__(self, renoise: str = "train_grid", clip_student: bool = False, renoise_min: float | None = None,
+                 **kwargs: Any) -> None:
         """``clip_student``: clip the trained output to the action bounds inside the loss (the reference's; it
         zeroes the gradient of a coordinate that overshoots, see ``diffusion.consistency.CLIP_NOTE``); targets and
         samples are always clipped. ``renoise``: where multistep sampling re-noises. ``train_grid``: at the Karras levels of nfe intervals
         moved to the nearest points of the training grid (CD's 18 intervals; CT's last curriculum grid); ``karras``:
-        at the Karras levels themselves (the reference's; off CD's grid the model is untrained there)."""
+        at the Karras levels themselves (the reference's; off CD's grid the model is untrained there).
+        ``renoise_min``: the lowest re-noising level (None: the Karras levels of the NFE); the levels then spread on
+        the ρ-grid from it to σ_max (:func:`~idql_cm.diffusion.consistency.sampling_sigmas`). A sampling choice:
+        training does not depend on it."""
         super().__init__(**kwargs)
         if renoise not in self.RENOISE:
             raise ConfigError(f"model.renoise: expected one of {self.RENOISE}, found {renoise!r}")
         self.renoise = renoise
         self.clip_student = bool(clip_student)
+        lo, hi = self.method["sigma_min"], self.method["sigma_max"]
+        if renoise_min is not None and not lo < float(renoise_min) < hi:
+            raise ConfigError(f"model.renoise_min: expected a level between sigma_min {lo:g} and sigma_max {hi:g}, "
+                              f"found {renoise_min}")
+        self.renoise_min = None if renoise_min is None else float(renoise_min)
 
     def train_intervals(self) -> int:  # pragma: no cover - abstract
         """Intervals of the Karras grid the model has been trained on (the finest, for a curriculum)."""
@@ -369,7 +378,10 @@ class ConsistencyBehaviour(BehaviourModule):
         return ConsistencyModel(net, **self.method)
 
     def payload(self):
-        return {**super().payload(), "renoise": self.renoise, "train_intervals": self.train_intervals()}
+        out = {**super().payload(), "renoise": self.renoise, "train_intervals": self.train_intervals()}
+        if self.renoise_min is not None:
+            out["renoise_min"] = self.renoise_min
+        return out
 
 
 class CTModule(ConsistencyBehaviour):
