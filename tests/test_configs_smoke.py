@@ -42,12 +42,16 @@ def test_task_configs_are_their_base_plus_the_task_s_own_lines():
             allowed = {"config", "trainer.default_root_dir", "data.dataset", "eval.temperature"}
             if path.stem == GUIDED[0]:
                 allowed |= {"eval.one_candidate", "model.init_args.q_weight"}
+            if path.stem == "cd" and "medium-expert" in path.parent.name:  # two-policy data (docs/quality.md)
+                allowed |= {"model.init_args.renoise_min"}
             assert set(raw) <= allowed and {"data.dataset", "trainer.default_root_dir"} <= set(raw), path
             composed, base = compose_config(path), compose_config(CONFIGS / "base" / f"{_kind(path.stem)}.yaml")
             assert composed["data"]["dataset"] == task and composed["model"]["class_path"] == base["model"]["class_path"]
             assert composed["trainer"]["max_steps"] == base["trainer"]["max_steps"]
             ev = [cb for cb in composed["trainer"]["callbacks"] if cb["class_path"].endswith("RolloutEvaluation")]
             assert (ev[0]["init_args"]["temperature"] == raw["eval.temperature"]) if ev else path.stem == "iql"
+            floor = composed["model"]["init_args"].get("renoise_min")
+            assert floor == (2.515 if path.stem == "cd" and "medium-expert" in task else None), path
 
 
 def _kind(stage: str) -> str:
