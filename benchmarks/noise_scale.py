@@ -80,16 +80,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(doc: dict[str, Any], path: Path) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = markdown(doc)
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--analogues", default="medium-expert,two-gait", type=lambda s: [t for t in s.split(",") if t])
@@ -147,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(out_path.read_text())
         doc["analogues"] = {**old.get("analogues", {}), **doc["analogues"]}
     out_path.write_text(json.dumps(doc, indent=1))
-    write_section(doc, Path(args.md))
+    from benchmarks.quality_report import replace_block
+
+    replace_block(Path(args.md), START, END, markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -248,13 +248,9 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def write_section(doc: dict[str, Any], path: Path) -> None:
-    text = path.read_text() if path.exists() else ""
-    block = markdown(doc)
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    from benchmarks.quality_report import replace_block
+
+    replace_block(path, START, END, markdown(doc))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,20 @@ STAGE_LABELS = {"edm": "EDM", "ct": "CT", "cd": "CD", "meanflow": "MeanFlow", "c
 METRICS = ("precision", "worst_precision", "min_share_ratio", "sliced_w1")
 
 
+def replace_block(path, start: str, end: str, block: str) -> None:
+    """Write ``block`` (which begins with ``start`` and ends with ``end``) over the block between those markers in the
+    file at ``path``, or append it; the rest of the file is kept."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
@@ -292,10 +306,4 @@ def write_ablations(doc: dict[str, Any], path) -> None:
         lines.append(f"| {label} | {c['ct1']:.3f} ({c['ct_worst']:.3f}) | {c['ct4']:.3f} | {c['cd1']:.3f} "
                      f"({c['cd_worst']:.3f}) | {c['cd4']:.3f} | {c['edm']:.3f} |")
     lines += ["", end]
-    text = path.read_text() if path.exists() else ""
-    block = "\n".join(lines)
-    if start in text and end in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    replace_block(path, start, end, "\n".join(lines))
