@@ -14,9 +14,9 @@ another mode layout); :data:`TOYS` holds seed 0 of each:
 * ``moving``: a continuous observation x ∈ [-1, 1] turns 3 modes (std 0.04) around a circle (a half turn over the
   range of x); measured at x = -0.9, -0.45, 0, 0.45, 0.9, values the data never holds exactly.
 
-Another data seed of ``counts`` / ``unequal`` turns the layout by a random angle (``far``, whose modes sit in the
-corners, by a symmetry of the square) and shuffles the widths and weights among a condition's modes; the random
-toys draw their points afresh. Every std is at most 0.05 in 2-D and 0.03 in 6-D, so a true sample lies within
+Another data seed of ``counts`` / ``unequal`` turns each condition's modes by a random angle and shuffles the widths
+and weights among them; of ``far``, puts its two modes at opposite points of the box's edge (1.7 to 2.4 apart) at a
+random angle; the random toys draw their points afresh. Every std is at most 0.05 in 2-D and 0.03 in 6-D, so a true sample lies within
 :data:`RADIUS` = 0.15 of its mode's centre with probability ≥ 0.989: precision near 1 is achievable, and a sampler
 that averages modes cannot reach it (modes are at least 0.35 apart). :func:`write_toy_dataset` writes a toy as a
 D4RL-layout HDF5 file, so the real data module and training stages (``idql-cm fit``) train on it.
@@ -24,6 +24,7 @@ D4RL-layout HDF5 file, so the real data module and training stages (``idql-cm fi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -243,10 +244,10 @@ def _moving(seed: int) -> MovingToy:
                       0.04, 1.0) for k in range(3))
     turn = float(rng.choice([-1.0, 1.0])) * math.pi / 2
     xs = (-0.9, -0.45, 0.0, 0.45, 0.9)
-    conds = tuple(tuple(Mode(_turned(m.centre, turn * x), m.std, m.weight) for m in base) for x in xs)
-    return MovingToy("moving", "3 equal modes (std 0.04) on a circle of radius 0.55, turned by a continuous "
-                               "observation x ∈ [-1, 1] (half a turn over its range); measured at x = ±0.9, ±0.45, 0",
-                     conds, base=base, turn=turn, xs=xs)
+    moving = MovingToy("moving", "3 equal modes (std 0.04) on a circle of radius 0.55, turned by a continuous "
+                                 "observation x ∈ [-1, 1] (half a turn over its range); measured at x = ±0.9, ±0.45, 0",
+                       (), base=base, turn=turn, xs=xs)
+    return dataclasses.replace(moving, conditions=tuple(moving.at(x) for x in xs))
 
 
 def toy(name: str, seed: int = 0) -> Toy:

@@ -121,15 +121,16 @@ def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | 
     points moved onto ``train_grid`` (nearest in log σ) when given. Refuses an nfe the training grid cannot honour
     (two levels on one grid point).
 
-    ``renoise_min``: the inner levels are instead the ρ-grid of nfe − 2 intervals from ``renoise_min`` up to σ_max
-    (without σ_max): nfe 2 re-noises at ``renoise_min``, nfe 4 (ρ 7, from 2.515) at 2.515, 9.73 and 30.1 — no level
-    below it, where a distilled model may not remove the noise it is given."""
+    ``renoise_min``: the inner levels are instead the points below σ_max of the ρ-grid of nfe − 1 intervals from
+    ``renoise_min`` to σ_max: nfe 2 re-noises at ``renoise_min``, nfe 4 (ρ 7, from 2.515) at 2.515, 9.72 and 30.18 —
+    no level below it, where a distilled model may not remove the noise it is given."""
     if nfe < 1:
         raise ConfigError(f"consistency sampling: expected nfe ≥ 1, found nfe={nfe}")
-    sigmas = model.sigmas(nfe, device=device)
     if renoise_min is not None and nfe >= 2:
         upper = karras_sigmas(nfe - 1, float(renoise_min), model.sigma_max, model.rho, device=device)
-        sigmas = torch.cat([sigmas[:1], upper])
+        sigmas = torch.cat([upper.new_tensor([model.sigma_min]), upper])
+    else:
+        sigmas = model.sigmas(nfe, device=device)
     if train_grid is None or nfe < 2:
         return sigmas
     # Deliberate difference: the reference re-noises at the Karras levels of nfe intervals whatever the model was
