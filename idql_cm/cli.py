@@ -185,10 +185,11 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                                 str(self.config[self.subcommand].get("ckpt_path")))
 
         def _default_guiding_critic(self) -> None:
-            """A guided backbone (``q_weight`` > 0) without ``critic_ckpt`` guides with the critic that evaluates it:
+            """A backbone that trains with the critic (``q_weight`` or ``advantage_beta`` > 0) without ``critic_ckpt``
+            uses the critic that evaluates it:
             the IQL stage beside this one, as the config's RolloutEvaluation names it."""
             model = self.model
-            if not (float(getattr(model, "q_weight", 0.0) or 0.0) > 0 and getattr(model, "critic_ckpt", "") is None):
+            if not (getattr(model, "uses_critic", False) and getattr(model, "critic_ckpt", "") is None):
                 return
             from idql_cm.eval.callback import RolloutEvaluation
 

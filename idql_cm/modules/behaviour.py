@@ -36,7 +36,13 @@ from idql_cm.diffusion.schedules import karras_sigmas
 from idql_cm.errors import CheckpointError, ConfigError
 from idql_cm.fileio import file_sha256
 from idql_cm.modules.common import IDQLModule, TrainingData, cosine_or_constant, make_optimizer
-from idql_cm.modules.guidance import CriticGuidance, check_critic_members, check_q_weight, guidance_loss
+from idql_cm.modules.guidance import (
+    CriticGuidance,
+    advantage_resample,
+    check_critic_members,
+    check_q_weight,
+    guidance_loss,
+)
 from idql_cm.modules.members import member_of
 from idql_cm.nets.ema import EMAWarmup
 from idql_cm.nets.ensemble import StackedIDQLMlp, bind_rng
@@ -93,10 +99,16 @@ class BehaviourModule(IDQLModule):
         critic_ckpt: str | None = None,
         init_from: str | None = None,
         sample_noise_scale: float = 1.0,
+        advantage_beta: float = 0.0,
     ) -> None:
         """``q_weight`` (η, 0 = off: plain IDQL): train the one-step map against the IQL critic of ``critic_ckpt``
         as well (:mod:`idql_cm.modules.guidance`); the CLI defaults ``critic_ckpt`` to the rollout evaluation's
         critic. Only for a backbone whose spec has a one-step map (CT, CD, MeanFlow).
+
+        ``advantage_beta`` (β, 0 = off): resample every batch towards its better actions, each transition with
+        probability ∝ min(exp(β·A), 100), A = Q − V of the same critic at the data's own actions (never an action off
+        the data; :func:`~idql_cm.modules.guidance.advantage_resample`). Any backbone; the policy then acts well with
+        one candidate (the evaluation's ``one_candidate``) as well as re-ranked.
 
         ``init_from``: a checkpoint of the same data to start from instead of random weights, of a kind in
         :meth:`init_kinds` (this backbone's own: a fine-tuning stage, e.g. guidance added to a trained policy; CT
@@ -108,13 +120,14 @@ class BehaviourModule(IDQLModule):
         evaluation use it). Training does not depend on it."""
         super().__init__(nonfinite, check_finite_every, compile, fused_steps, num_seeds)
         self.q_weight = check_q_weight(q_weight)
+        self.advantage_beta = check_q_weight(advantage_beta, "advantage_beta")
         self.critic_ckpt = critic_ckpt
         self.init_from = init_from
         self.sample_noise_scale = float(sample_noise_scale)
         if not 0.0 <= self.sample_noise_scale < float("inf"):
             raise ConfigError(f"model.sample_noise_scale: expected a finite number >= 0, found {sample_noise_scale}")
         self.init_sha256: str | None = None
-        self.guidance: CriticGuidance | None = None  # built with the nets when q_weight > 0
+        self.guidance: CriticGuidance | None = None  # built with the nets when the critic is used (uses_critic)
         self.net_cfg = net
         self.lr, self.opt_name, self.weight_decay, self.lr_schedule = lr, optimizer, weight_decay, lr_schedule
         # ema_warmup: k-diffusion's warm-up (the EMA starts as a copy of fresh weights); False: the constant rate
@@ -163,11 +176,18 @@ class BehaviourModule(IDQLModule):
         else:
             self.build(obs_dim, act_dim)  # member k starts from the init checkpoint's member k
 
+    @property
+    def uses_critic(self) -> bool:
+        """Whether training reads the IQL critic of ``critic_ckpt`` (critic guidance or advantage weighting)."""
+        return self.q_weight > 0 or self.advantage_beta > 0
+
     def payload(self) -> dict[str, Any]:
         out = {"net": dict(self.net_kw), "method": dict(self.method)}
         if self.guidance is not None:
             out.update(q_weight=self.q_weight, critic_ckpt=os.path.abspath(self.guidance.path),
                        critic_sha256=self.guidance.sha256)
+        if self.advantage_beta > 0:
+            out.update(advantage_beta=self.advantage_beta)
         if self.init_from is not None:
             out.update(init_from=os.path.abspath(self.init_from), init_sha256=self.init_sha256)
         if self.sample_noise_scale != 1.0:
@@ -216,13 +236,14 @@ class BehaviourModule(IDQLModule):
     # ------------------------------------------------------------------ critic guidance
     def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_info, device="cpu") -> None:
         super().init_nets(obs_dim, act_dim, obs_mean, obs_std, data_info, device)
-        if self.q_weight > 0:
-            self.guidance = CriticGuidance(self._critic_path(), self.data_facts(), self.num_seeds)
+        if self.uses_critic:
+            self.guidance = CriticGuidance(self._critic_path(), self.data_facts(), self.num_seeds,
+                                           value=self.advantage_beta > 0)
 
     def _critic_path(self) -> str:
         if self.critic_ckpt is None:
-            raise ConfigError(f"model.critic_ckpt: q_weight {self.q_weight} needs an IQL checkpoint of this data to "
-                              "guide by; set model.init_args.critic_ckpt (the CLI takes the rollout evaluation's "
+            raise ConfigError(f"model.critic_ckpt: q_weight {self.q_weight} / advantage_beta {self.advantage_beta} "
+                              "needs an IQL checkpoint of this data; set model.init_args.critic_ckpt (the CLI takes the rollout evaluation's "
                               "critic_ckpt when it is unset)")
         if not os.path.isfile(self.critic_ckpt):
             raise ConfigError(f"model.critic_ckpt: no IQL checkpoint at {self.critic_ckpt} (train the IQL stage "
@@ -234,7 +255,7 @@ class BehaviourModule(IDQLModule):
         if self.init_from is not None:
             meta = self._init_checkpoint()["idql_cm"]
             check_fits_datamodule(meta, datamodule, "model.init_from", self.init_from)
-        if self.q_weight <= 0:
+        if not self.uses_critic:
             return
         path = self._critic_path()
         meta = read_checkpoint(path, expect_kind="iql", what="model.critic_ckpt")["idql_cm"]
@@ -242,7 +263,7 @@ class BehaviourModule(IDQLModule):
         check_fits_datamodule(meta, datamodule, "model.critic_ckpt", path)
 
     def frozen_nets(self) -> list[torch.nn.Module]:
-        return [] if self.guidance is None else [self.guidance.q]
+        return [] if self.guidance is None else self.guidance.nets()
 
     def behaviour_loss(self, batch: dict[str, torch.Tensor], step: int, generator=None, stats: bool = False
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover - abstract
@@ -251,9 +272,16 @@ class BehaviourModule(IDQLModule):
 
     def loss(self, batch, step, generator=None, stats=False):
         """The behaviour loss, plus with ``q_weight`` η > 0 the guidance term ``−η·mean Q/sg(mean |Q|)`` on one-step
-        samples of the online network (noise drawn after the behaviour loss's draws, from the same generator)."""
+        samples of the online network (noise drawn after the behaviour loss's draws, from the same generator). With
+        ``advantage_beta`` β > 0 the behaviour loss sees the batch resampled by exp(β·A) (drawn first)."""
+        extra = {}
+        if self.advantage_beta > 0:
+            adv = self.guidance.advantage(batch["obs"], batch["act"])
+            batch, share = advantage_resample(batch, adv, self.advantage_beta, generator)
+            extra = {"advantage_effective_share": share}
         loss, named = self.behaviour_loss(batch, step, generator, stats)
-        if self.guidance is None:
+        named = {**named, **extra}
+        if self.q_weight <= 0:
             return loss, named
         obs = batch["obs"]
         noise = standard_normal((*obs.shape[:-1], self.act_dim), obs, generator)

@@ -5,6 +5,12 @@ network, the gradient flowing through ``f`` into the policy (OFQL, BFQ, CPQL, DT
 this way). The denominator is taken under stop-gradient, per member, so η does not depend on the reward's scale.
 Q is the minimum of the critic's twin target heads, the same Q the IDQL re-ranking uses; always in fp32.
 
+Advantage weighting (``advantage_beta`` β) uses the same critic the other way round: it never asks Q about an
+action off the data. Each batch is resampled, before the behaviour loss sees it, with probabilities
+``∝ min(exp(β·A(s, a)), 100)``, ``A = Q(s, a) − V(s)`` at the data's own actions (IQL's policy-extraction weights,
+AWR's clip at 100), so the backbone learns the data reweighted towards its better actions: the density
+``μ(a|s)·exp(β·A)`` that IDQL's re-ranking approximates at decision time, learnt once at training time.
+
 The critic is loaded once from an IQL checkpoint of the same data, frozen, and never optimised or saved in the
 policy's checkpoint (its path and SHA-256 are recorded instead).
 """
@@ -18,20 +24,24 @@ import torch
 from torch import nn
 
 from idql_cm.checkpoint import CRITIC_KIND, DataFacts, check_fits_data, load_weights, read_checkpoint
+from idql_cm.diffusion.edm import stacked
 from idql_cm.errors import ConfigError
 from idql_cm.fileio import file_sha256
-from idql_cm.nets.critics import TwinQ
-from idql_cm.nets.ensemble import StackedTwinQ, member_mean
+from idql_cm.nets.critics import TwinQ, ValueNet
+from idql_cm.nets.ensemble import StackedTwinQ, StackedValueNet, member_mean
+
+#: the largest weight exp(β·A) a transition gets (IQL / AWR clip theirs at 100)
+MAX_ADVANTAGE_WEIGHT = 100.0
 
 
-def check_q_weight(q_weight: Any) -> float:
-    """η as a float, refused unless finite and ≥ 0."""
+def check_q_weight(q_weight: Any, name: str = "q_weight") -> float:
+    """η (or β, ``name``) as a float, refused unless finite and ≥ 0."""
     try:
         value = float(q_weight)
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(f"model.q_weight: expected a finite number >= 0 (0 = plain IDQL), found {q_weight!r}")
+        raise ConfigError(f"model.{name}: expected a finite number >= 0 (0 = plain IDQL), found {q_weight!r}")
     return value
 
 
@@ -40,6 +50,25 @@ def guidance_loss(q: torch.Tensor, q_weight: float, num_members: int = 1) -> tup
     q_mean = member_mean(q, num_members)
     scale = member_mean(q.abs(), num_members).detach().clamp_min(1e-8)
     return -q_weight * q_mean / scale, q_mean.detach()
+
+
+def advantage_resample(batch: dict[str, torch.Tensor], adv: torch.Tensor, beta: float, generator=None
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(batch resampled, effective share)``: B rows drawn with replacement, each with probability
+    ``∝ min(exp(β·A), 100)``; ``adv [..., B, 1]`` (``[S, B, 1]`` with a ``MemberGenerators``: member k resamples its
+    own rows with generator k). The effective share ``(Σw)² / (B·Σw²)`` (1: uniform) is a scalar or ``[S]``."""
+    w = torch.exp(beta * adv.squeeze(-1).float()).clamp_max(MAX_ADVANTAGE_WEIGHT)  # [..., B]
+    n = w.shape[-1]
+    if stacked(generator):
+        idx = generator.multinomial(w, n)                                          # [S, B]
+    else:
+        idx = torch.multinomial(w, n, replacement=True, generator=generator)        # [B]
+    share = w.sum(-1).pow(2) / (n * w.pow(2).sum(-1))
+    out = {}
+    for key, value in batch.items():
+        index = idx.reshape(*idx.shape, *([1] * (value.ndim - idx.ndim)))
+        out[key] = torch.take_along_dim(value, index, dim=idx.ndim - 1)
+    return out, share
 
 
 def check_critic_members(held: int, num_members: int, where: str, path: str) -> None:
@@ -55,7 +84,8 @@ class CriticGuidance:
 
     ``num_members`` S > 1: an S-member critic pairs critic k with member k (a solo critic guides every member)."""
 
-    def __init__(self, path: str, data: DataFacts, num_members: int = 1, where: str = "model.critic_ckpt"):
+    def __init__(self, path: str, data: DataFacts, num_members: int = 1, where: str = "model.critic_ckpt",
+                 value: bool = False):
         ckpt = read_checkpoint(path, expect_kind=CRITIC_KIND, what=where)
         meta, state = ckpt["idql_cm"], ckpt["state_dict"]
         check_fits_data(DataFacts.of_payload(meta), data, where, path)
@@ -64,8 +94,15 @@ class CriticGuidance:
         dims = (int(meta["obs_dim"]), int(meta["act_dim"]), int(meta["hidden_dim"]))
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator be
             q: nn.Module = TwinQ(*dims) if held == 1 else StackedTwinQ(held, *dims)
+            v: nn.Module | None = None
+            if value:
+                v = ValueNet(dims[0], dims[2]) if held == 1 else StackedValueNet(held, dims[0], dims[2])
         load_weights(q, state, "q_target.", f"{where} {path}")
         self.q = q.requires_grad_(False).eval()
+        self.v = None
+        if v is not None:
+            load_weights(v, state, "v.", f"{where} {path}")
+            self.v = v.requires_grad_(False).eval()
         self.path = path
         self.sha256 = file_sha256(path)
         self.num_members = int(num_members)
@@ -74,3 +111,12 @@ class CriticGuidance:
         """``Q(obs, act)`` ``[..., B, 1]`` in fp32 (normalised observations; the gradient flows to ``act``)."""
         with torch.autocast(obs.device.type, enabled=False):
             return self.q(obs.float(), act.float())
+
+    @torch.no_grad()
+    def advantage(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """``A = Q(obs, act) − V(obs)`` ``[..., B, 1]`` in fp32, without gradients (built with ``value=True``)."""
+        with torch.autocast(obs.device.type, enabled=False):
+            return self.q(obs.float(), act.float()) - self.v(obs.float())
+
+    def nets(self) -> list[nn.Module]:
+        return [self.q] if self.v is None else [self.q, self.v]
