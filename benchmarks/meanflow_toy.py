@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from idql_cm.data.toys import RADIUS, toy as make_toy
+from idql_cm.data.toys import RADIUS
+from idql_cm.data.toys import toy as make_toy
 from idql_cm.diffusion import meanflow as mf
 from idql_cm.eval.fidelity import mode_stats
 from idql_cm.nets.ema import ema_update_
