@@ -1,4 +1,5 @@
-"""Critic guidance (``q_weight``): the loss by hand, the refusals, η = 0 bit for bit, and what it is for."""
+"""Critic guidance (``q_weight``) and advantage weighting (``advantage_beta``): the loss and the resampling by
+hand, the refusals, η = β = 0 bit for bit, and what they are for."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from idql_cm.data.toys import RADIUS, TOYS, write_toy_dataset
-from idql_cm.modules.guidance import check_q_weight, guidance_loss
+from idql_cm.modules.guidance import MAX_ADVANTAGE_WEIGHT, advantage_resample, check_q_weight, guidance_loss
+from idql_cm.nets.ensemble import MemberGenerators
 from tests.cli_utils import CONFIGS, shrink_config
 
 
@@ -34,6 +36,36 @@ def test_members_are_scaled_each_by_their_own_mean_abs_q():
 def test_a_q_weight_that_is_not_a_finite_number_at_least_zero_is_refused(bad):
     with pytest.raises(Exception, match="model.q_weight: expected a finite number >= 0"):
         check_q_weight(bad)
+    with pytest.raises(Exception, match="model.advantage_beta: expected a finite number >= 0"):
+        check_q_weight(bad, "advantage_beta")
+
+
+def test_advantage_resampling_draws_rows_by_their_clipped_weights():
+    # A = [0, ln 2, ln 3, 10] at β = 1: weights 1, 2, 3 and exp(10) clipped to 100 (shares 1 : 2 : 3 : 100 of 106)
+    adv = torch.tensor([[0.0], [np.log(2.0)], [np.log(3.0)], [10.0]])
+    rows = torch.arange(4.0)[:, None]
+    batch = {"obs": rows.repeat(1, 3), "act": rows.repeat(1, 2) + 0.5, "rew": rows[:, 0]}
+    counts = torch.zeros(4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        out, share = advantage_resample(batch, adv, 1.0, g)
+        assert torch.equal(out["act"][:, 0] - 0.5, out["obs"][:, 0]) and torch.equal(out["rew"], out["obs"][:, 0])
+        counts += torch.bincount(out["obs"][:, 0].long(), minlength=4)
+    want = torch.tensor([1.0, 2.0, 3.0, MAX_ADVANTAGE_WEIGHT]) / 106.0
+    assert torch.allclose(counts / counts.sum(), want, atol=0.004), counts / counts.sum()
+    # the effective share (Σw)² / (B Σw²) by hand: 106² / (4 · (1 + 4 + 9 + 10000))
+    assert share.item() == pytest.approx(106.0**2 / (4 * 10014.0))
+
+
+def test_each_member_resamples_its_own_rows_with_its_own_generator():
+    adv = torch.tensor([[[5.0], [-5.0]], [[-5.0], [5.0]]])  # [S=2, B=2, 1]: member 0 favours row 0, member 1 row 1
+    batch = {"obs": torch.tensor([[[0.0], [1.0]], [[10.0], [11.0]]])}
+    out, share = advantage_resample(batch, adv, 2.0, MemberGenerators(2).seed_([0, 1]))
+    assert out["obs"].shape == (2, 2, 1) and share.shape == (2,)
+    assert set(out["obs"][0].flatten().tolist()) <= {0.0, 1.0} and set(out["obs"][1].flatten().tolist()) <= {10.0, 11.0}
+    # member k draws what a solo run seeded like generator k draws from member k's rows
+    solo, _ = advantage_resample({"obs": batch["obs"][1]}, adv[1], 2.0, torch.Generator().manual_seed(1))
+    assert torch.equal(out["obs"][1], solo["obs"])
 
 
 # ----------------------------------------------------------------------------------------------- the paid toy
@@ -89,9 +121,13 @@ def test_the_guided_one_step_policy_takes_the_paid_mode_and_the_unguided_one_spl
     critic = str(paid[1])
     plain = _paid_share(_fit(paid, "ct", "ct_plain", 800, net=HALF_NET))
     guided = _paid_share(_fit(paid, "ct", "ct_guided", 800, net=HALF_NET, q_weight=1.0, critic_ckpt=critic))
-    # unguided: both modes drawn (neither below a fifth of the samples), guided: the paid one, inside the data
+    weighted = _paid_share(_fit(paid, "ct", "ct_weighted", 800, net=HALF_NET, advantage_beta=10.0,
+                                critic_ckpt=critic))
+    # unguided: both modes drawn (neither below a fifth of the samples), guided: the paid one, inside the data;
+    # advantage-weighted (the data resampled towards the paid mode, Q never asked off the data): the same
     assert 0.2 < plain[0] < 0.8 and plain[1] - plain[0] > 0.2, plain
     assert guided[0] >= 0.9, guided
+    assert weighted[0] >= 0.9, weighted
     payload = torch.load(paid[2] / "ct_guided" / "checkpoints" / "last.ckpt", weights_only=False)["idql_cm"]
     assert payload["q_weight"] == 1.0 and payload["critic_ckpt"] == critic and len(payload["critic_sha256"]) == 64
 
@@ -121,11 +157,20 @@ def test_q_weight_zero_reproduces_the_unguided_backbone_bit_for_bit(paid):
                    weights_only=False)["state_dict"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert not any(k.startswith("guidance") for k in c)  # the critic is not saved in the policy's checkpoint
+    # advantage weighting: β = 0 the same, β > 0 different, neither Q nor V saved
+    d = torch.load(_fit(paid, "ct", "ct_b0", 16, advantage_beta=0.0, critic_ckpt=str(paid[1])),
+                   weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], d[k]) for k in a)
+    e = torch.load(_fit(paid, "ct", "ct_b3", 16, advantage_beta=3.0, critic_ckpt=str(paid[1])), weights_only=False)
+    assert not all(torch.equal(a[k], e["state_dict"][k]) for k in a)
+    assert list(e["state_dict"]) == list(a) and e["idql_cm"]["advantage_beta"] == 3.0
 
 
 def test_two_members_are_guided_by_a_solo_critic(paid):
     ckpt = _fit(paid, "meanflow", "mf_two", 16, q_weight=1.0, critic_ckpt=str(paid[1]), num_seeds=2)
     assert torch.load(ckpt, weights_only=False)["idql_cm"]["num_seeds"] == 2
+    ckpt = _fit(paid, "edm", "edm_two_weighted", 16, advantage_beta=3.0, critic_ckpt=str(paid[1]), num_seeds=2)
+    assert torch.load(ckpt, weights_only=False)["idql_cm"]["advantage_beta"] == 3.0
 
 
 # ----------------------------------------------------------------------------------------------- refusals
