@@ -45,6 +45,7 @@ class Actor:
     description: str = ""  # how it samples, in a word (an export's "solver" field)
     q_weight: float = 0.0  # η of the critic guidance it was trained with (0: a plain behaviour policy)
     noise_scale: float = 1.0  # λ: the initial draw is λ·ε (a sampling temperature; 1: the trained distribution)
+    advantage_beta: float = 0.0  # β of the advantage weighting it was trained with (0: the data as it is)
 
     @property
     def kind(self) -> str:
@@ -82,7 +83,8 @@ class Actor:
                    env_id=payload.get("env_id"), task=payload.get("dataset"),
                    options=spec.options(payload, device), description=spec.describe(payload),
                    q_weight=float(payload.get("q_weight") or 0.0),
-                   noise_scale=float(payload.get("sample_noise_scale", 1.0)))
+                   noise_scale=float(payload.get("sample_noise_scale", 1.0)),
+                   advantage_beta=float(payload.get("advantage_beta") or 0.0))
 
 
 @dataclass

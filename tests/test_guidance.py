@@ -254,3 +254,12 @@ def test_a_guided_fine_tuning_stage_starts_from_a_trained_policy_of_its_backbone
     line = _refusal(capsys, ["fit", "--config", str(cfg)])
     assert "model.init_from" in line and "'meanflow'" in line and "'iql'" in line
     assert not (tmp_path / "mf" / "checkpoints").exists()
+
+
+def test_report_columns_name_the_training_knob_and_whether_the_critic_picked():
+    from idql_cm.eval.report import _column
+
+    assert _column({"backbone": "ct", "idql": False, "advantage_beta": 3.0}) == "CT β=3 (N=1)"
+    assert _column({"backbone": "ct", "idql": True, "advantage_beta": 3.0}) == "CT β=3"
+    assert _column({"backbone": "cd", "idql": True, "q_weight": 0.5}) == "CD η=0.5"
+    assert _column({"backbone": "edm", "idql": False}) == "EDM (BC)"

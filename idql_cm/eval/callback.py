@@ -517,7 +517,8 @@ class RolloutEvaluation(Callback):
             checkpoint=str(trainer.ckpt_path) if getattr(trainer, "ckpt_path", None) else None,
             episodes=self.episodes, num_envs=self.num_envs, seed=self.seed, vector_mode=self.vector_mode,
             max_episode_steps=self.max_episode_steps, world_size=world,
-            q_weight=float(getattr(actor, "q_weight", 0.0)), noise_scale=float(getattr(actor, "noise_scale", 1.0)))
+            q_weight=float(getattr(actor, "q_weight", 0.0)), noise_scale=float(getattr(actor, "noise_scale", 1.0)),
+            advantage_beta=float(getattr(actor, "advantage_beta", 0.0)))
         base_seed = recorded_seed()
         lines: list[str] = []
         if S == 1:

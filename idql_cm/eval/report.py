@@ -208,11 +208,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     elif report.get("q_weight"):
         lines.append(f"The critic-guided {bb} policy alone (trained with q_weight {report['q_weight']:g}): one sample "
                      f"per state, no critic at decision time.")
+    elif report.get("advantage_beta"):
+        lines.append(f"The advantage-weighted {bb} policy alone (trained with advantage_beta "
+                     f"{report['advantage_beta']:g}): one sample per state, no critic at decision time.")
     else:
         lines.append(f"Behaviour policy alone (no critic: behaviour cloning with the {bb} model, one sample per "
                      f"state).")
     if report.get("idql") and report.get("q_weight"):
         lines.append(f"The policy was trained with critic guidance (q_weight {report['q_weight']:g}).")
+    if report.get("idql") and report.get("advantage_beta"):
+        lines.append(f"The policy was trained on advantage-weighted data (advantage_beta {report['advantage_beta']:g}).")
     if report.get("env_choice"):
         lines.append(f"Environment: {report['env_choice']}.")
     members = report.get("members") or []
@@ -281,18 +286,21 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike, name: str =
 
 # ----------------------------------------------------------------------------------------------- multi-run
 def _column(report: dict[str, Any]) -> str:
-    """``CT``, ``CT (BC)`` (no critic), ``CT η=0.5`` (critic-guided, re-ranked), ``CT η=0.5 (N=1)`` (guided, alone)."""
+    """``CT``, ``CT (BC)`` (no critic), ``CT η=0.5`` (critic-guided, re-ranked), ``CT η=0.5 (N=1)`` (guided, alone);
+    ``CT β=3`` / ``CT β=3 (N=1)`` the same for advantage weighting."""
     bb = (report.get("backbone") or "?").upper()
     idql = report.get("idql", report.get("critic") is not None)
-    q = float(report.get("q_weight") or 0.0)
-    if q > 0:
-        return f"{bb} η={q:g}" + ("" if idql else " (N=1)")
+    q, beta = float(report.get("q_weight") or 0.0), float(report.get("advantage_beta") or 0.0)
+    tags = ([f"η={q:g}"] if q > 0 else []) + ([f"β={beta:g}"] if beta > 0 else [])
+    if tags:
+        return f"{bb} {' '.join(tags)}" + ("" if idql else " (N=1)")
     return bb if idql else f"{bb} (BC)"
 
 
 def _group_key(report: dict[str, Any]) -> tuple:
     return (report.get("task"), report.get("env_id"), report.get("backbone"),
-            bool(report.get("idql", report.get("critic") is not None)), float(report.get("q_weight") or 0.0))
+            bool(report.get("idql", report.get("critic") is not None)), float(report.get("q_weight") or 0.0),
+            float(report.get("advantage_beta") or 0.0))
 
 
 def combined_table(reports: Sequence[dict[str, Any]]) -> str:

@@ -176,6 +176,7 @@ def _metadata(agent, nfe: int, actor_ckpt: str, critic_ckpt: str | None, fmt: st
         "softmax_draw": agent.draws_selection,  # whether u is used
         "q_weight": float(getattr(actor, "q_weight", 0.0)),  # η of the critic guidance it was trained with (0: none)
         "noise_scale": float(getattr(actor, "noise_scale", 1.0)),  # λ of the initial draw λ·ε (1: as trained)
+        "advantage_beta": float(getattr(actor, "advantage_beta", 0.0)),  # β of its advantage weighting (0: none)
         "task": actor.task,
         "env_id": actor.env_id,
         "actor_ckpt": os.path.abspath(actor_ckpt),
