@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.quality import (
+    ANALOGUES,
     REPO,
     Job,
     behaviour_levels,
@@ -139,6 +140,8 @@ def paid_metrics(ckpt: Path, n: int, seed: int) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- medium-expert
 def plan_me(args, out: Path, jobs: dict[str, Job]) -> dict[str, Any]:
+    if args.analogue != "medium-expert":
+        return plan_verdict_analogue(args, out, jobs)
     data = me_data(args, out, 0)
     base = out / "guidance" / "medium_expert" / f"members{args.members}"
     common = {"model.init_args.num_seeds": args.members, "eval.episodes": args.me_episodes,
@@ -161,6 +164,37 @@ def plan_me(args, out: Path, jobs: dict[str, Job]) -> dict[str, Any]:
             ov = {**eval_critic, **_guided(stage, w, critic, args.knob), "eval.nfe": [1], "eval.one_candidate": True}
             deps = _teacher(ov, stage, roots) + (jobs_name(critic),)
             guided.append((stage, w, stage_job(stage, ov, deps)))
+    return {"data": data, "critic": critic, "edm": roots["edm"], "guided": guided}
+
+
+def plan_verdict_analogue(args, out: Path, jobs: dict[str, Job]) -> dict[str, Any]:
+    """Another analogue (``two-gait``): its IQL, EDM and plain backbones are the stages of ``make quality-full``
+    (the same configs, reused where trained), and each weighted backbone is trained beside them, evaluated by that
+    IQL critic at NFE 1 alone and re-ranked. η / β = 0 has no row here: the plain stages evaluate re-ranked only
+    (their scores are in the verdict over seeds)."""
+    from benchmarks.quality import ME_STAGES
+    from benchmarks.quality import plan_me as plan_verdict
+
+    full = argparse.Namespace(analogues=[args.analogue], members=args.members, me_seed=0, ect=False,
+                              me_transitions=args.me_transitions, me_episodes=args.me_episodes)
+    verdict_jobs, plan = plan_verdict(full, {"shipped configs": {}}, out)
+    for job in verdict_jobs:
+        if job.name.rsplit("/", 1)[-1].split("-")[0] in ("iql", "edm"):
+            _add(jobs, job)
+    *_, data, roots = plan[0]
+    assert set(ME_STAGES) <= set(roots) and args.analogue in ANALOGUES
+    critic = roots["iql"]
+    common = {"model.init_args.num_seeds": args.members, "eval.episodes": args.me_episodes,
+              "eval.num_envs": args.me_episodes,
+              "eval.critic_ckpt": str(critic / "checkpoints" / "last.ckpt")}
+    guided: list[tuple] = []
+    for stage in args.backbones:
+        for w in (w for w in args.weights if w > 0):
+            ov = {**common, **_guided(stage, w, critic, args.knob), "eval.nfe": [1], "eval.one_candidate": True}
+            deps = _teacher(ov, stage, roots) + (jobs_name(critic),)
+            job, root = fit_job(stage_config(stage, data, 0, ov, evaluate=True), critic.parent, stage, deps)
+            _add(jobs, job)
+            guided.append((stage, w, root))
     return {"data": data, "critic": critic, "edm": roots["edm"], "guided": guided}
 
 
@@ -235,34 +269,40 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {LABELS.get(b, b)} | {w:g} | {np.mean([r['paid_share'] for r in rs]):.3f} | "
                          f"{np.min([r['paid_share'] for r in rs]):.3f} | {np.mean([r['precision'] for r in rs]):.3f} |")
         lines.append("")
-    me = doc.get("medium_expert")
-    if me:
-        b = me["behaviour"]
-        edm_best = max(v["score"] for v in me["edm"].values())
-        lines += ["### Medium-expert analogue (HalfCheetah-v5)", "",
-                  f"{doc['members']} members per stage (`num_seeds`), {doc['me_episodes']} episodes per member; "
-                  f"normalised score ×100, the across-member mean ± SE. EDM re-ranks its candidates (IDQL); an {what} "
-                  "backbone acts at NFE 1 alone (N = 1, no critic) and re-ranked.", "",
-                  "EDM (IDQL) at NFE 1 / 2 / 4: " + " / ".join(f"{v['score']:.1f} ± {v['se']:.1f}" for _, v in
-                                                            sorted(me["edm"].items(), key=lambda kv: int(kv[0])))
-                  + f"; behaviours: expert {b['expert']['score']:.1f}, medium {b['medium']['score']:.1f}.", "",
-                  "The last three columns say where the one-step actions go (4,000 states of the data, averaged over "
-                  "members): the critic's Q of the policy's action against the data's own action at the same "
-                  "state, their distance, and the share of coordinates at the action bound (the data's: "
-                  f"{me['guided'][0]['actions']['data_at_bound']:.3f}).", "",
-                  f"| backbone | {sym} | N = 1 (alone) | re-ranked | alone ≥ EDM best | re-ranked ≥ both | Q policy / data "
-                  "| distance to data | at the bound |",
-                  "| --- | ---: | ---: | ---: | :---: | :---: | ---: | ---: | ---: |"]
-        for r in sorted(me["guided"], key=lambda r: (r["backbone"], _weight(r))):
-            a, k = r["alone"]["1"], r["ranked"]["1"]
-            lines.append(f"| {LABELS.get(r['backbone'], r['backbone'])} | {_weight(r):g} | {a['score']:.1f} ± "
-                         f"{a['se']:.1f} | {k['score']:.1f} ± {k['se']:.1f} | {'yes' if a['score'] >= edm_best else 'no'}"
-                         f" | {'yes' if k['score'] >= max(edm_best, a['score']) else 'no'} | "
-                         f"{r['actions']['q_policy']:.2f} / {r['actions']['q_data']:.2f} | "
-                         f"{r['actions']['distance']:.3f} | {r['actions']['at_bound']:.3f} |")
-        lines.append("")
+    for key, title in (("medium_expert", "Medium-expert analogue"), ("two_gait", "Two-gait analogue")):
+        if doc.get(key):
+            lines += _analogue_lines(doc, doc[key], title, sym, what)
     lines.append(end)
     return "\n".join(lines)
+
+
+def _analogue_lines(doc: dict[str, Any], me: dict[str, Any], title: str, sym: str, what: str) -> list[str]:
+    lines: list[str] = []
+    b = me["behaviour"]
+    edm_best = max(v["score"] for v in me["edm"].values())
+    lines += [f"### {title} (HalfCheetah-v5)", "",
+              f"{doc['members']} members per stage (`num_seeds`), {doc['me_episodes']} episodes per member; "
+              f"normalised score ×100, the across-member mean ± SE. EDM re-ranks its candidates (IDQL); an {what} "
+              "backbone acts at NFE 1 alone (N = 1, no critic) and re-ranked.", "",
+              "EDM (IDQL) at NFE 1 / 2 / 4: " + " / ".join(f"{v['score']:.1f} ± {v['se']:.1f}" for _, v in
+                                                        sorted(me["edm"].items(), key=lambda kv: int(kv[0])))
+              + f"; behaviours: expert {b['expert']['score']:.1f}, medium {b['medium']['score']:.1f}.", "",
+              "The last three columns say where the one-step actions go (4,000 states of the data, averaged over "
+              "members): the critic's Q of the policy's action against the data's own action at the same "
+              "state, their distance, and the share of coordinates at the action bound (the data's: "
+              f"{me['guided'][0]['actions']['data_at_bound']:.3f}).", "",
+              f"| backbone | {sym} | N = 1 (alone) | re-ranked | alone ≥ EDM best | re-ranked ≥ both | Q policy / data "
+              "| distance to data | at the bound |",
+              "| --- | ---: | ---: | ---: | :---: | :---: | ---: | ---: | ---: |"]
+    for r in sorted(me["guided"], key=lambda r: (r["backbone"], _weight(r))):
+        a, k = r["alone"]["1"], r["ranked"]["1"]
+        lines.append(f"| {LABELS.get(r['backbone'], r['backbone'])} | {_weight(r):g} | {a['score']:.1f} ± "
+                     f"{a['se']:.1f} | {k['score']:.1f} ± {k['se']:.1f} | {'yes' if a['score'] >= edm_best else 'no'}"
+                     f" | {'yes' if k['score'] >= max(edm_best, a['score']) else 'no'} | "
+                     f"{r['actions']['q_policy']:.2f} / {r['actions']['q_data']:.2f} | "
+                     f"{r['actions']['distance']:.3f} | {r['actions']['at_bound']:.3f} |")
+    lines.append("")
+    return lines
 
 
 def write_section(doc: dict[str, Any], path: Path) -> None:
@@ -286,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--toy-seeds", default="0", type=lambda s: [int(t) for t in s.split(",") if t])
     ap.add_argument("--toy-transitions", type=int, default=20_000)
     ap.add_argument("--samples", type=int, default=2000, help="states per condition (one sample each)")
+    ap.add_argument("--analogue", choices=["medium-expert", "two-gait"], default="medium-expert",
+                    help="the analogue of the me part (two-gait: beside make quality-full's stages)")
     ap.add_argument("--members", type=int, default=5, help="num_seeds of every medium-expert stage")
     ap.add_argument("--me-transitions", type=int, default=100_000)
     ap.add_argument("--me-episodes", type=int, default=20, help="evaluation episodes per member and NFE")
@@ -321,8 +363,13 @@ def main(argv: list[str] | None = None) -> int:
                        **paid_metrics(root / "checkpoints" / "last.ckpt", args.samples, seed)}
                       for seed, s, w, root in toy_plan]
     if me_plan:
-        doc["medium_expert"] = me_results(me_plan, times, args.members)
+        doc[ANALOGUES[args.analogue][1]] = me_results(me_plan, times, args.members)
     doc["seconds"] = time.time() - t0
+    old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    if old.get("knob", "q_weight") == args.knob:  # one part (or one analogue) run keeps the others' figures
+        for key in ("toy", "medium_expert", "two_gait"):
+            if key not in doc and key in old:
+                doc[key] = old[key]
     Path(args.json).write_text(json.dumps(doc, indent=1))
     write_section(doc, Path(args.md))
     print(markdown(doc))
