@@ -218,3 +218,52 @@ def test_planning_deletes_nothing_and_a_stale_stage_is_retrained(tmp_path, monke
     job.reuse = False
     quality.run_jobs([job], 1)
     assert not (root / "checkpoints" / "last.ckpt").exists()  # the stand-in training wrote nothing new
+
+
+def test_advantage_plan_on_two_gait_trains_beside_the_verdict_stages(tmp_path, monkeypatch):
+    """``quality_guidance --knob advantage_beta --analogue two-gait``: the IQL and EDM are ``make quality-full``'s
+    (same folder, same configs), each weighted CT is a new stage there, guided by and evaluated with that IQL, alone
+    and re-ranked; β = 0 has no stage of its own."""
+    from benchmarks import quality_guidance
+
+    monkeypatch.setattr(quality, "OUT", tmp_path)
+    (tmp_path / "two_gait" / "seed0").mkdir(parents=True)
+    (tmp_path / "two_gait" / "seed0" / "data.hdf5").write_bytes(b"")
+    args = argparse.Namespace(analogue="two-gait", members=5, me_transitions=100, me_episodes=20, backbones=["ct"],
+                              weights=[0.0, 3.0, 10.0], knob="advantage_beta")
+    jobs: dict = {}
+    plan = quality_guidance.plan_me(args, tmp_path, jobs)
+    _, verdict = quality.plan_me(_args(analogues=["two-gait"], me_transitions=100), {"shipped": {}}, tmp_path)
+    roots = verdict[0][-1]
+    assert plan["critic"] == roots["iql"] and plan["edm"] == roots["edm"]
+    assert [w for _, w, _ in plan["guided"]] == [3.0, 10.0]
+    critic = str(roots["iql"] / "checkpoints" / "last.ckpt")
+    for _, w, root in plan["guided"]:
+        assert root.parent == roots["iql"].parent and root != roots["ct"]
+        cfg = yaml.safe_load((root / "stage.yaml").read_text())
+        assert cfg["model"]["init_args"]["advantage_beta"] == w and cfg["model"]["init_args"]["critic_ckpt"] == critic
+        ev = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == quality.EVAL_CLASS)
+        assert ev["init_args"]["critic_ckpt"] == critic and ev["init_args"]["one_candidate"] is True
+    assert len(jobs) == 2 + 2  # IQL and EDM of the verdict, two weighted CTs
+
+
+def test_advantage_section_names_its_knob_and_each_analogue(tmp_path):
+    from benchmarks import quality_guidance
+
+    scores = {"1": {"score": 20.0, "se": 1.0, "episodes": 100}}
+    row = {"backbone": "ct", "weight": 3.0, "ranked": {"1": {"score": 24.0, "se": 0.5, "episodes": 100}},
+           "alone": {"1": {"score": 21.0, "se": 0.5, "episodes": 100}},
+           "actions": {"q_policy": 1.0, "q_data": 0.9, "distance": 0.1, "at_bound": 0.0, "data_at_bound": 0.01}}
+    analogue = {"behaviour": {"expert": {"score": 22.0}, "medium": {"score": 9.0}}, "edm": scores, "guided": [row]}
+    doc = {"knob": "advantage_beta", "machine": {"cpu": "x", "cores": 2}, "started": "now", "seconds": 60,
+           "stages": 3, "stages_trained": 1, "members": 5, "me_episodes": 20, "two_gait": analogue}
+    page = tmp_path / "quality.md"
+    page.write_text("# Quality\n")
+    quality_guidance.write_section(doc, page)
+    text = page.read_text()
+    assert "## Advantage-weighted training (`advantage_beta`)" in text and "| backbone | β |" in text
+    assert "### Two-gait analogue" in text and "### Medium-expert analogue" not in text
+    # alone 21 > EDM's best 20: yes; re-ranked 24 ≥ both: yes
+    assert "| CT | 3 | 21.0 ± 0.5 | 24.0 ± 0.5 | yes | yes |" in text
+    quality_guidance.write_section({**doc, "knob": "q_weight"}, page)  # the guidance section is another block
+    assert page.read_text().count("## Advantage-weighted") == 1 and "## Critic guidance (`q_weight`)" in page.read_text()
