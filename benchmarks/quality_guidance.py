@@ -172,17 +172,15 @@ def plan_verdict_analogue(args, out: Path, jobs: dict[str, Job]) -> dict[str, An
     (the same configs, reused where trained), and each weighted backbone is trained beside them, evaluated by that
     IQL critic at NFE 1 alone and re-ranked. η / β = 0 has no row here: the plain stages evaluate re-ranked only
     (their scores are in the verdict over seeds)."""
-    from benchmarks.quality import ME_STAGES
     from benchmarks.quality import plan_me as plan_verdict
 
     full = argparse.Namespace(analogues=[args.analogue], members=args.members, me_seed=0, ect=False,
                               me_transitions=args.me_transitions, me_episodes=args.me_episodes)
     verdict_jobs, plan = plan_verdict(full, {"shipped configs": {}}, out)
-    for job in verdict_jobs:
-        if job.name.rsplit("/", 1)[-1].split("-")[0] in ("iql", "edm"):
-            _add(jobs, job)
     *_, data, roots = plan[0]
-    assert set(ME_STAGES) <= set(roots) and args.analogue in ANALOGUES
+    by_name = {job.name: job for job in verdict_jobs}
+    for stage in ("iql", "edm"):  # the stages the rows read (the verdict's other backbones are not needed here)
+        _add(jobs, by_name[jobs_name(roots[stage])])
     critic = roots["iql"]
     common = {"model.init_args.num_seeds": args.members, "eval.episodes": args.me_episodes,
               "eval.num_envs": args.me_episodes,
