@@ -38,6 +38,7 @@ from typing import Any
 from benchmarks.harness import (
     KINDS,
     NOISY_SPREAD,
+    block_end,
     load1,
     loadavg,
     machine_info,
@@ -136,11 +137,9 @@ def TurnTimer(turns: Turns, side: str, warmup: int, block: int, blocks: int, syn
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            k = trainer.global_step  # steps done, this one included
-            if k < warmup or (k - warmup) % block:
+            now = block_end(trainer, warmup, block, sync)
+            if now is None:
                 return
-            sync()
-            now = time.perf_counter()
             if self._t0 is None:
                 self.startup = now - self._start
             else:
@@ -183,7 +182,7 @@ def _side_worker(side: str, turns: Turns, tasks, results, path: str, cfg: dict[s
     """One side's process: its own data module, then per job ``(kind, teacher)`` the ensemble fit (S·n blocks of B
     steps) or the S consecutive solo fits (n blocks of S·B steps each, seeds s..s+S-1), in turns with the other."""
     quiet()
-    dm = make_datamodule(path, cfg)  # num_seeds > 1 sets its data module's num_members: one per side
+    dm = make_datamodule(path, cfg)  # num_seeds > 1 sets its data module's num_seeds: one per side
     S, seed = ens["members"], ens["seed"]
     while True:
         try:

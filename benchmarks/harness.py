@@ -234,6 +234,16 @@ def make_teacher(dm, cfg: dict[str, Any], path: str, **overrides: Any) -> str:
     return path
 
 
+def block_end(trainer, warmup: int, block: int, sync) -> float | None:
+    """For the block timers: ``time.perf_counter()`` after ``sync()`` when the step just done closes a block of
+    ``block`` steps after ``warmup`` (the warm-up's end included), else None."""
+    k = trainer.global_step  # steps done, this one included
+    if k < warmup or (k - warmup) % block:
+        return None
+    sync()
+    return time.perf_counter()
+
+
 def StepTimer(warmup: int, steps: int, per_iteration: int = 1, sync=None):  # noqa: N802 - used like a class
     """A Lightning callback recording per-iteration wall times from the end of step ``warmup`` to the end of step
     ``warmup + steps`` (each interval is one whole loop iteration: batch fetch, hooks, ``per_iteration`` updates,

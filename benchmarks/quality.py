@@ -46,7 +46,7 @@ import numpy as np
 import yaml
 
 from idql_cm.backbones import backbone, builtin_kinds
-from idql_cm.cli import compose_config
+from idql_cm.cli import compose_config, parse_set_overrides
 from idql_cm.data.toys import QUALITY_TOYS
 from idql_cm.fileio import pid_alive
 
@@ -458,16 +458,6 @@ def behaviour_levels(data: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            sys.exit(f"quality: error: --set expects key=value, found {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=list(PRESETS), default="quick",
@@ -508,13 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--members: expected at least 1, found {args.members}")
     global STALE_CODE_OK
     STALE_CODE_OK = args.stale_code_ok
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_overrides(args.set, "quality")
     variants = {args.label: overrides}
     if args.ablate:
         variants.update({label: {**overrides, **ov} for label, ov in ABLATIONS.items()})
     for item in args.variant:
         label, _, rest = item.partition(":")
-        variants[label] = {**overrides, **parse_overrides([kv for kv in rest.split(";") if kv.strip()])}
+        variants[label] = {**overrides, **parse_set_overrides([kv for kv in rest.split(";") if kv.strip()], "quality")}
     out = (REPO / args.out).resolve()
     global OUT
     OUT = out

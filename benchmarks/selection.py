@@ -4,7 +4,9 @@ For each member k of each stage (the analogue's checkpoints, critic k with actor
 state on ``--states`` states of the dataset, re-ranked as the evaluation does (softmax at the configs' temperature).
 Reported, member-averaged, for all candidates and for the chosen one: the critic's Q (min of the twin targets) and
 advantage, the distance to the data's own action at the state, and the share of action coordinates at the bound
-(|a| > 0.99); beside them the data's own action's Q. A backbone whose chosen actions gain Q while leaving the data
+(|a| > 0.99); beside them the data's own action's Q, the distance of the nearest candidate to the data's action
+(coverage), the candidates' spread (their std across the N candidates of a state, mean over states and dimensions)
+and how far the NFE-k action lands from the NFE-4 one from the same initial draw. A backbone whose chosen actions gain Q while leaving the data
 is being picked for the critic's extrapolation, not for its behaviour.
 
     python -m benchmarks.selection --analogue two-gait                 # reads benchmarks/quality_full.json
@@ -22,6 +24,20 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _gap_to_nfe4(policy, obs, nfe: int, member: int) -> float:
+    """Mean distance between the NFE-``nfe`` action and the NFE-4 action from the same initial draw (one per state;
+    its own generator, so the candidates above keep their draws). For a deterministic map (EDM's Euler ODE,
+    MeanFlow's composition) it is how far fewer steps land from more; a consistency model re-noises between steps,
+    so there it also counts the later draws."""
+    import torch
+
+    noise = torch.randn(4, *obs.shape[:-1], policy.actor.act_dim, generator=torch.Generator().manual_seed(7 + member))
+    with torch.no_grad():
+        a = policy.sample(obs, nfe=nfe, noise=noise[:nfe])
+        b = policy.sample(obs, nfe=4, noise=noise)
+    return float((a - b).norm(dim=-1).mean())
 
 
 def measure(stage: Path, critic: Path, data: Path, members: int, nfes: tuple[int, ...], states: int,
@@ -58,8 +74,12 @@ def measure(stage: Path, critic: Path, data: Path, members: int, nfes: tuple[int
                 rows.append([float(q.mean()), float(q[torch.arange(states), pick].mean()), float(q_data.mean()),
                              float(adv[torch.arange(states), pick].mean()), float(dist.mean()),
                              float(dist[torch.arange(states), pick].mean()),
-                             float((cand.abs() > 0.99).float().mean()), float((chosen.abs() > 0.99).float().mean())])
-        keys = ("q_all", "q_chosen", "q_data", "adv_chosen", "dist_all", "dist_chosen", "bound_all", "bound_chosen")
+                             float((cand.abs() > 0.99).float().mean()), float((chosen.abs() > 0.99).float().mean()),
+                             float(dist.min(dim=1).values.mean()),
+                             float(cand.reshape(states, candidates, -1).std(dim=1).mean()),
+                             _gap_to_nfe4(policy, obs, nfe, m)])
+        keys = ("q_all", "q_chosen", "q_data", "adv_chosen", "dist_all", "dist_chosen", "bound_all", "bound_chosen",
+                "dist_nearest", "spread", "gap_to_nfe4")
         out[str(nfe)] = dict(zip(keys, (float(v) for v in np.mean(rows, axis=0)), strict=True))
     return out
 
@@ -82,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {}
     print(f"{args.analogue}: {row['members']} members, {args.states} states x {args.candidates} candidates, T "
           f"{args.temperature:g}")
-    print("| backbone | NFE | score | Q all / chosen / data | adv chosen | distance all / chosen | bound all / chosen |")
-    print("| --- | ---: | ---: | --- | ---: | --- | --- |")
+    print("| backbone | NFE | score | Q all / chosen / data | adv chosen | distance all / chosen / nearest | spread "
+          "| gap to NFE 4 | bound all / chosen |")
+    print("| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | --- |")
     for name, stage in stages.items():
         if name == "iql":
             continue
@@ -92,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         for nfe, r in result[name].items():
             s = row.get(name, {}).get(nfe, {})
             print(f"| {name} | {nfe} | {s.get('score', float('nan')):.1f} | {r['q_all']:.2f} / {r['q_chosen']:.2f} / "
-                  f"{r['q_data']:.2f} | {r['adv_chosen']:.3f} | {r['dist_all']:.3f} / {r['dist_chosen']:.3f} | "
+                  f"{r['q_data']:.2f} | {r['adv_chosen']:.3f} | {r['dist_all']:.3f} / {r['dist_chosen']:.3f} / "
+                  f"{r['dist_nearest']:.3f} | {r['spread']:.3f} | {r['gap_to_nfe4']:.3f} | "
                   f"{r['bound_all']:.3f} / {r['bound_chosen']:.3f} |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

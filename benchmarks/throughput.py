@@ -20,6 +20,7 @@ from benchmarks.harness import (
     KINDS,
     NOISY_SPREAD,
     StepTimer,
+    block_end,
     load1,
     make_datamodule,
     make_module,
@@ -47,11 +48,10 @@ def PairedTimer(warmup: int, block: int, blocks: int, bare: BareLoop, sync):  # 
             self._t0: float | None = None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            k = trainer.global_step  # steps done, this one included
-            if k < warmup or (k - warmup) % block:
+            now = block_end(trainer, warmup, block, sync)
+            if now is None:
                 return
-            sync()
-            now = time.perf_counter()
+            k = trainer.global_step
             if self._t0 is not None:
                 self.lightning.append(now - self._t0)
             if len(self.bare) < blocks:

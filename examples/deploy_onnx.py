@@ -54,18 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # noise and u have defaults (overridable initializers); ORT notes that once
     session = ort.InferenceSession(str(args.model), opts, providers=["CPUExecutionProvider"])
-    meta = json.loads(session.get_modelmeta().custom_metadata_map["idql_cm"])
-    env_id = args.env or meta["env_id"]
+    metadata = json.loads(session.get_modelmeta().custom_metadata_map["idql_cm"])
+    env_id = args.env or metadata["env_id"]
     if not env_id:
-        sys.exit(f"deploy_onnx.py: {args.model} names no environment (trained on {meta['task']}); pass --env ID")
-    low, high = np.asarray(meta["action_low"], np.float32), np.asarray(meta["action_high"], np.float32)
-    print(f"{args.model}: {meta['kind']} agent, NFE {meta['nfe']}, {meta['candidates']} candidates, "
-          f"{meta['selection']}, obs {meta['obs_dim']} -> action {meta['act_dim']}, env {env_id}")
+        sys.exit(f"deploy_onnx.py: {args.model} names no environment (trained on {metadata['task']}); pass --env ID")
+    low, high = np.asarray(metadata["action_low"], np.float32), np.asarray(metadata["action_high"], np.float32)
+    print(f"{args.model}: {metadata['kind']} agent, NFE {metadata['nfe']}, {metadata['candidates']} candidates, "
+          f"{metadata['selection']}, obs {metadata['obs_dim']} -> action {metadata['act_dim']}, env {env_id}")
 
     env = gym.make(env_id, max_episode_steps=args.max_steps)
-    if env.observation_space.shape != (meta["obs_dim"],) or env.action_space.shape != (meta["act_dim"],):
+    if env.observation_space.shape != (metadata["obs_dim"],) or env.action_space.shape != (metadata["act_dim"],):
         sys.exit(f"deploy_onnx.py: {env_id} has obs/act shapes {env.observation_space.shape}/"
-                 f"{env.action_space.shape}, the model expects ({meta['obs_dim']},)/({meta['act_dim']},)")
+                 f"{env.action_space.shape}, the model expects ({metadata['obs_dim']},)/({metadata['act_dim']},)")
     returns, decide_s, steps = [], 0.0, 0
     for ep in range(args.episodes):
         obs, _ = env.reset(seed=args.seed + ep)

@@ -171,12 +171,12 @@ def spec_of_payload(payload: Mapping[str, Any], where: str) -> BackboneSpec:
 
 # ------------------------------------------------------------------------------------------ the package's own
 def edm_from_payload(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None = None,
-                     where: str = "EDM checkpoint", prefix: str = "ema_model.", num_members: int = 1) -> EDMDenoiser:
+                     where: str = "EDM checkpoint", prefix: str = "ema_model.", num_seeds: int = 1) -> EDMDenoiser:
     """The EDM denoiser an ``edm`` payload describes (network and method hyper-parameters), with the weights under
     ``prefix`` of ``state`` (the EMA copy by default; ``state=None``: fresh weights). ``where`` starts the error.
-    ``num_members`` S > 1: the S-member denoiser of an S-member state (``[S, ...]`` weights)."""
+    ``num_seeds`` S > 1: the S-member denoiser of an S-member state (``[S, ...]`` weights)."""
     dims = (payload["obs_dim"], payload["act_dim"])
-    net = IDQLMlp(*dims, **payload["net"]) if num_members == 1 else StackedIDQLMlp(num_members, *dims, **payload["net"])
+    net = IDQLMlp(*dims, **payload["net"]) if num_seeds == 1 else StackedIDQLMlp(num_seeds, *dims, **payload["net"])
     model = EDMDenoiser(net, **payload["method"])
     if state is not None:
         load_weights(model, state, prefix, where)

@@ -36,8 +36,8 @@ CRITIC_KIND = "iql"
 
 # ------------------------------------------------------------------------------------------------- the payload
 def make_payload(kind: str, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, obs_std: torch.Tensor,
-                 data_info: Mapping[str, Any], model: Mapping[str, Any], skipped_steps: int) -> dict[str, Any]:
-    """The ``idql_cm`` entry of a checkpoint: the data facts (``data_info``: dataset, env_id, num_transitions) and
+                 data_payload: Mapping[str, Any], model: Mapping[str, Any], skipped_steps: int) -> dict[str, Any]:
+    """The ``idql_cm`` entry of a checkpoint: the data facts (``data_payload``: dataset, env_id, num_transitions) and
     the kind's hyper-parameters (``model``, e.g. ``net`` and ``method`` of a behaviour policy)."""
     return {
         "format": FORMAT_VERSION,
@@ -45,25 +45,25 @@ def make_payload(kind: str, obs_dim: int, act_dim: int, obs_mean: torch.Tensor, 
         "obs_dim": obs_dim,
         "act_dim": act_dim,
         "normalizer": {"mean": obs_mean.tolist(), "std": obs_std.tolist()},
-        **data_info,
+        **data_payload,
         **model,
         "skipped_steps": skipped_steps,
     }
 
 
-def check_payload(meta: Any, expect_kind: str | tuple[str, ...] | None, what: str, path: str) -> dict[str, Any]:
-    """``meta`` (a checkpoint's ``idql_cm`` entry) if it is a payload of this format and of an expected kind, else a
+def check_payload(payload: Any, expect_kind: str | tuple[str, ...] | None, what: str, path: str) -> dict[str, Any]:
+    """``payload`` (a checkpoint's ``idql_cm`` entry) if it is a payload of this format and of an expected kind, else a
     :class:`CheckpointError` naming ``what`` (the flag or key the checkpoint came from) and ``path``."""
-    if not isinstance(meta, Mapping):
+    if not isinstance(payload, Mapping):
         raise CheckpointError(f"{what}: {path} is not an idql-cm checkpoint (no 'idql_cm' payload)")
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{what}: {path} has checkpoint format {meta.get('format')}, this idql-cm reads "
+    if payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{what}: {path} has checkpoint format {payload.get('format')}, this idql-cm reads "
                               f"format {FORMAT_VERSION}; retrain or use the idql-cm version that wrote it")
     kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
-    if kinds and meta.get("kind") not in kinds:
+    if kinds and payload.get("kind") not in kinds:
         raise CheckpointError(f"{what}: expected a checkpoint of kind {' or '.join(repr(k) for k in kinds)}, "
-                              f"{path} is a '{meta.get('kind')}' checkpoint")
-    return dict(meta)
+                              f"{path} is a '{payload.get('kind')}' checkpoint")
+    return dict(payload)
 
 
 def read_checkpoint(path: str, expect_kind: str | tuple[str, ...] | None = None, what: str = "checkpoint") -> dict[str, Any]:
@@ -95,10 +95,10 @@ class DataFacts:
     dataset: str | None = None
 
     @classmethod
-    def of_payload(cls, meta: Mapping[str, Any]) -> DataFacts:
-        norm = meta.get("normalizer") or {}
-        return cls(meta.get("obs_dim"), meta.get("act_dim"), norm.get("mean", []), norm.get("std", []),
-                   meta.get("dataset"))
+    def of_payload(cls, payload: Mapping[str, Any]) -> DataFacts:
+        norm = payload.get("normalizer") or {}
+        return cls(payload.get("obs_dim"), payload.get("act_dim"), norm.get("mean", []), norm.get("std", []),
+                   payload.get("dataset"))
 
 
 def _flat(x: Any) -> torch.Tensor:
@@ -138,9 +138,9 @@ def state_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
 MEMBER_PREFIXES = ("model.net.", "ema_model.net.", "target_model.net.", "q.", "q_target.", "v.")
 
 
-def num_members(meta: Mapping[str, Any]) -> int:
+def seeds_in(payload: Mapping[str, Any]) -> int:
     """How many members (seeds trained side by side, ``num_seeds``) a checkpoint's payload holds."""
-    return int(meta.get("num_seeds", 1))
+    return int(payload.get("num_seeds", 1))
 
 
 def member_state(state: Mapping[str, torch.Tensor], member: int) -> dict[str, torch.Tensor]:
@@ -148,19 +148,19 @@ def member_state(state: Mapping[str, torch.Tensor], member: int) -> dict[str, to
     return {k: v[member] if k.startswith(MEMBER_PREFIXES) else v for k, v in state.items()}
 
 
-def pick_member(meta: Mapping[str, Any], state: Mapping[str, torch.Tensor], member: int | None, what: str,
+def pick_member(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor], member: int | None, what: str,
                 path: str) -> Mapping[str, torch.Tensor]:
     """The solo weights of ``member`` (None: the only one) of a checkpoint, or a one-line refusal."""
-    held = num_members(meta)
+    ckpt_seeds = seeds_in(payload)
     if member is None:
-        if held > 1:
-            raise CheckpointError(f"{what}: {path} holds {held} members (num_seeds: {held}); pass member=k with k in "
-                                  f"0..{held - 1}")
+        if ckpt_seeds > 1:
+            raise CheckpointError(f"{what}: {path} holds {ckpt_seeds} members (num_seeds: {ckpt_seeds}); pass member=k with k in "
+                                  f"0..{ckpt_seeds - 1}")
         return state
-    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < held:
-        raise CheckpointError(f"{what}: {path} holds {held} member(s); expected member in 0..{held - 1}, found "
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < ckpt_seeds:
+        raise CheckpointError(f"{what}: {path} holds {ckpt_seeds} member(s); expected member in 0..{ckpt_seeds - 1}, found "
                               f"{member!r}")
-    return state if held == 1 else member_state(state, member)
+    return state if ckpt_seeds == 1 else member_state(state, member)
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, where: str) -> None:

@@ -110,7 +110,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             raise ParserConfigError(message) from ex
 
     class IDQLCLI(LightningCLI):
-        _ckpt_meta: dict | None = None  # the --ckpt_path file's idql_cm payload, read by _parse_ckpt_path
+        _ckpt_payload: dict | None = None  # the --ckpt_path file's idql_cm payload, read by _parse_ckpt_path
 
         @staticmethod
         def subcommands() -> dict[str, set[str]]:
@@ -154,7 +154,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
                 model = cfg.get("model")
                 kind = _kind_of(str(getattr(model, "class_path", model)))
-                self._ckpt_meta = read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")["idql_cm"]
+                self._ckpt_payload = read_checkpoint(ckpt, expect_kind=kind, what="--ckpt_path")["idql_cm"]
             super()._parse_ckpt_path()
 
         def _preflight(self) -> None:
@@ -173,15 +173,15 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             for cb in self.trainer.callbacks:
                 if isinstance(cb, CallbackPreflight):
                     cb.preflight(self.model, dm)
-            meta = self._ckpt_meta
-            if meta is not None:
+            payload = self._ckpt_payload
+            if payload is not None:
                 from idql_cm.checkpoint import DataFacts, check_fits_data
 
                 fitting = self.subcommand == "fit"
                 norm = dm.normalizer
                 data = DataFacts(int(dm.obs_dim), int(dm.act_dim), norm.mean if fitting else None,
                                  norm.std if fitting else None, str(dm.dataset))
-                check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path",
+                check_fits_data(DataFacts.of_payload(payload), data, "--ckpt_path",
                                 str(self.config[self.subcommand].get("ckpt_path")))
 
         def _default_guiding_critic(self) -> None:
@@ -337,6 +337,20 @@ def _apply_eval_arguments(cfg) -> None:
     for cb in callbacks:
         for key, value in given.items():
             setattr(cb.init_args, key, value)
+
+
+def parse_set_overrides(items: list[str], prog: str) -> dict[str, Any]:
+    """``--set key=value`` items of ``make pipeline`` / ``make quality`` as a dict (each value read as YAML); a bad
+    item exits with ``prog: error: ...``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            sys.exit(f"{prog}: error: --set expects key=value, found {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def compose_config(path: str | os.PathLike) -> dict[str, Any]:

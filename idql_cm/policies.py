@@ -135,8 +135,8 @@ def _rng_neutral(load):
     return wrapped
 
 
-def _normaliser(meta: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = meta["normalizer"]
+def _normaliser(payload: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = payload["normalizer"]
     return torch.tensor(norm["mean"], device=device), torch.tensor(norm["std"], device=device)
 
 
@@ -145,12 +145,12 @@ def actor_from_checkpoint(path: str, device=None, member: int | None = None,
                           what: str = "actor checkpoint") -> Actor:
     """Rebuild the EMA behaviour policy of a backbone checkpoint (``member`` k of an S-member one)."""
     ckpt = read_actor_checkpoint(path, what)
-    meta = ckpt["idql_cm"]
-    spec = spec_of_payload(meta, f"{what} {path}")
-    state = pick_member(meta, ckpt["state_dict"], member, what, path)
+    payload = ckpt["idql_cm"]
+    spec = spec_of_payload(payload, f"{what} {path}")
+    state = pick_member(payload, ckpt["state_dict"], member, what, path)
     dev = _device(device)
-    model = spec.rebuild(meta, state, f"{what} {path}").to(dev).eval().requires_grad_(False)
-    return Actor.of_payload(spec, meta, model, *_normaliser(meta, dev), device=dev)
+    model = spec.rebuild(payload, state, f"{what} {path}").to(dev).eval().requires_grad_(False)
+    return Actor.of_payload(spec, payload, model, *_normaliser(payload, dev), device=dev)
 
 
 @_rng_neutral
@@ -159,14 +159,14 @@ def critic_from_checkpoint(path: str, device=None, what: str = "critic checkpoin
     """Rebuild the target twin-Q and V of an IQL checkpoint (``what`` names where the path came from; ``member`` k of
     an S-member one)."""
     ckpt = read_checkpoint(path, expect_kind=CRITIC_KIND, what=what)
-    meta = ckpt["idql_cm"]
-    state = pick_member(meta, ckpt["state_dict"], member, what, path)
-    q = TwinQ(meta["obs_dim"], meta["act_dim"], meta["hidden_dim"])
-    v = ValueNet(meta["obs_dim"], meta["hidden_dim"])
+    payload = ckpt["idql_cm"]
+    state = pick_member(payload, ckpt["state_dict"], member, what, path)
+    q = TwinQ(payload["obs_dim"], payload["act_dim"], payload["hidden_dim"])
+    v = ValueNet(payload["obs_dim"], payload["hidden_dim"])
     load_weights(q, state, "q_target.", f"{what} {path}")
     load_weights(v, state, "v.", f"{what} {path}")
     dev = _device(device)
-    mean, std = _normaliser(meta, dev)
+    mean, std = _normaliser(payload, dev)
     return Critic(q_target=q.to(dev).eval().requires_grad_(False), v=v.to(dev).eval().requires_grad_(False),
-                  obs_mean=mean, obs_std=std, act_dim=int(meta["act_dim"]), env_id=meta.get("env_id"),
-                  task=meta.get("dataset"))
+                  obs_mean=mean, obs_std=std, act_dim=int(payload["act_dim"]), env_id=payload.get("env_id"),
+                  task=payload.get("dataset"))

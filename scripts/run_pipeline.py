@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from idql_cm.cli import compose_config
+from idql_cm.cli import compose_config, parse_set_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CRITIC = "iql"
@@ -45,16 +45,6 @@ def default_stages() -> tuple[str, ...]:
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            sys.exit(f"run_pipeline: error: --set expects key=value, found {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:
@@ -162,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)
     if args.seeds < 1:
         ap.error(f"--seeds: expected a positive integer, found {args.seeds}")
-    overrides = parse_overrides(args.set)
+    overrides = parse_set_overrides(args.set, "run_pipeline")
     if args.preset == "demo":
         cfg_dir = Path(args.config_dir or "configs/demo")
         out = Path(args.out or "results/demo")

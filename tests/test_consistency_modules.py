@@ -110,8 +110,8 @@ def test_ct_init_from_edm_starts_from_its_ema_network(data_and_teacher, tmp_path
         assert mine.keys() == start.keys()
         for key in start:
             assert torch.equal(mine[key], start[key]), (prefix, key)
-    meta = ct["idql_cm"]
-    assert meta["init_sha256"] == file_sha256(str(teacher)) and meta["net"] == edm["idql_cm"]["net"]
+    payload = ct["idql_cm"]
+    assert payload["init_sha256"] == file_sha256(str(teacher)) and payload["net"] == edm["idql_cm"]["net"]
     scratch = _fit("ct", tmp_path, dataset, 2, "scratch", lr=0.0, total_steps=2, s0=2, s1=8, **SMALL_NET)
     assert not torch.equal(_part(scratch["state_dict"], "model.net.")["inp.weight"], start["inp.weight"])
 

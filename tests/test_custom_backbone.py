@@ -47,7 +47,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, extra in (("solo", {}), ("ens", {"num_seeds": 2})):
         cfg = shrink_config(EXAMPLES / "custom_backbone.yaml", root / f"{name}.yaml", root / name, data, steps=16,
                             model_args={**NET, **extra}, eval_args={**EVAL, "critic_ckpt": str(critic)})
-        _ok(run_cli_subprocess(["fit", "--config", str(cfg)], env=USER_ENV))
+        if name == "solo":  # as the README says: PYTHONPATH=examples idql-cm fit --config ...
+            _ok(run_cli_subprocess(["fit", "--config", str(cfg)], env=USER_ENV))
+        else:  # the same command in this process (the example on sys.path as PYTHONPATH puts it)
+            sys.path.insert(0, str(EXAMPLES))
+            try:
+                assert main(["fit", "--config", str(cfg)]) == 0
+            finally:
+                sys.path.remove(str(EXAMPLES))
         out[name] = root / name
     return out
 
@@ -93,7 +100,7 @@ print(p.kind, type(p.actor.model).__module__)
     assert proc.stdout.split() == ["gauss", "custom_backbone"]
 
 
-def test_export_runs_in_onnxruntime_and_report_has_its_column(runs):
+def test_export_runs_in_onnxruntime_and_report_has_its_column(runs, cli):
     ort = pytest.importorskip("onnxruntime")
     out = runs["root"] / "gauss.onnx"
     _ok(run_cli_subprocess(["export", "--actor", str(runs["solo"] / "checkpoints" / "last.ckpt"), "--critic",
@@ -104,9 +111,9 @@ def test_export_runs_in_onnxruntime_and_report_has_its_column(runs):
                                                             np.zeros((0,), np.float32)), strict=False)}
     act = sess.run(None, feeds)[0]
     assert act.shape == (3, 6) and np.isfinite(act).all()
-    meta = dict(ln.split(None, 1) for ln in _ok(run_cli_subprocess(["export", "--inspect", str(out)])).stdout.splitlines())
-    assert meta["kind"] == "gauss" and meta["solver"] == "gauss"  # the exported file runs without the example
-    table = _ok(run_cli_subprocess(["report", str(runs["solo"]), str(runs["ens"])])).stdout
+    metadata = dict(ln.split(None, 1) for ln in _ok(cli(["export", "--inspect", str(out)])).stdout.splitlines())
+    assert metadata["kind"] == "gauss" and metadata["solver"] == "gauss"  # the exported file runs without the example
+    table = _ok(cli(["report", str(runs["solo"]), str(runs["ens"])])).stdout
     assert "GAUSS" in table and "| 1 |" in table
 
 

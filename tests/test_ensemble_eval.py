@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from idql_cm.cli import main
 from idql_cm.data.synthetic import write_d4rl_file
-from tests.cli_utils import CONFIGS, run_cli_subprocess, shrink_config
+from tests.cli_utils import CONFIGS, shrink_config
 
 SEED, S, STEPS = 5, 2, 20
 NET = {"net": {"hidden_dim": 32, "n_blocks": 1, "expand": 2, "dropout": 0.1}}
@@ -110,32 +110,32 @@ def test_tensorboard_holds_per_member_losses_and_scores_and_their_mean(runs):
         assert last.value == pytest.approx(m["results"][0]["normalized_score_mean"], rel=1e-6)
 
 
-def test_idql_cm_report_merges_ensemble_members_and_solo_seeds_alike(runs, tmp_path):
+def test_idql_cm_report_merges_ensemble_members_and_solo_seeds_alike(runs, tmp_path, cli):
     ens = _report(runs["ens"])
-    alone = run_cli_subprocess(["report", str(runs["ens"]), "--out", str(tmp_path / "a")])
+    alone = cli(["report", str(runs["ens"]), "--out", str(tmp_path / "a")])
     assert alone.returncode == 0, alone.stderr
     row = ens["results"][0]
     cell = f"{row['normalized_score_mean']:.1f}±{row['normalized_score_se']:.1f}"
     assert f"| 1 | {cell} |" in alone.stdout and f"over {S} training seeds" in alone.stdout
     # the solo run of seed 6 is the ensemble's member 1: together they are still the two seeds 5 and 6
-    both = run_cli_subprocess(["report", str(runs["ens"]), str(runs["solo6"]), "--out", str(tmp_path / "b")])
+    both = cli(["report", str(runs["ens"]), str(runs["solo6"]), "--out", str(tmp_path / "b")])
     assert both.returncode == 0, both.stderr
     assert f"| 1 | {cell} |" in both.stdout
     merged = json.loads((tmp_path / "b" / "combined_report.json").read_text())["reports"]
     assert [r["seeds"] for r in merged] == [S] and merged[0]["train_seeds"] == [SEED, SEED + 1]
 
 
-def test_a_critic_of_another_member_count_is_refused_in_one_line(runs, dataset, tmp_path):
+def test_a_critic_of_another_member_count_is_refused_in_one_line(runs, dataset, tmp_path, cli):
     from tests.test_cli_errors import _one_line_error
 
     critic = runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", dataset, steps=2,
                         model_args={**_ct_extra(), "num_seeds": 3}, eval_args={**EVAL, "critic_ckpt": str(critic)})
-    _one_line_error(run_cli_subprocess(["fit", "--config", str(cfg)]), "holds 2 IQL members", "the policy has 3")
+    _one_line_error(cli(["fit", "--config", str(cfg)]), "holds 2 IQL members", "the policy has 3")
     assert not (tmp_path / "ct" / "checkpoints").exists()
     solo = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "solo.yaml", tmp_path / "solo", dataset, steps=2,
                          model_args=_ct_extra(), eval_args={**EVAL, "critic_ckpt": str(critic)})
-    _one_line_error(run_cli_subprocess(["fit", "--config", str(solo)]), "RolloutEvaluation.critic_ckpt",
+    _one_line_error(cli(["fit", "--config", str(solo)]), "RolloutEvaluation.critic_ckpt",
                     "holds 2 members")
     assert not (tmp_path / "solo" / "checkpoints").exists()
 
@@ -156,16 +156,16 @@ def test_loading_a_checkpoint_leaves_torchs_generator_alone(runs):
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_export_takes_one_member_and_refuses_an_ensemble_without_member(runs, tmp_path):
+def test_export_takes_one_member_and_refuses_an_ensemble_without_member(runs, tmp_path, cli):
     from tests.test_cli_errors import _one_line_error
 
     actor = runs["ens"] / "checkpoints" / "last.ckpt"
     critic = runs["ens"].parent / "iql" / "checkpoints" / "last.ckpt"
-    _one_line_error(run_cli_subprocess(["export", "--actor", str(actor), "--critic", str(critic), "--out",
+    _one_line_error(cli(["export", "--actor", str(actor), "--critic", str(critic), "--out",
                                         str(tmp_path / "a.onnx")]), "holds 2 members", "pass --member k")
     assert not (tmp_path / "a.onnx").exists()
-    ok = run_cli_subprocess(["export", "--actor", str(actor), "--critic", str(critic), "--member", "1",
+    ok = cli(["export", "--actor", str(actor), "--critic", str(critic), "--member", "1",
                              "--candidates", "4", "--out", str(tmp_path / "m1.onnx")])
     assert ok.returncode == 0, ok.stderr[-2000:]
-    shown = run_cli_subprocess(["export", "--inspect", str(tmp_path / "m1.onnx")])
+    shown = cli(["export", "--inspect", str(tmp_path / "m1.onnx")])
     assert shown.returncode == 0 and "member" in shown.stdout and "1" in shown.stdout.split("member", 1)[1][:20]

@@ -188,6 +188,6 @@ def test_a_data_module_reused_after_an_ensemble_fit_draws_solo_batches_again(dat
         trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
         trainer.fit(module, datamodule=dm)
-        assert dm.num_members == members
+        assert dm.num_seeds == members
         batch = next(iter(dm.train_dataloader()))
         assert batch["obs"].shape == ((S, 16, 17) if members > 1 else (16, 17))

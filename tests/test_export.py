@@ -180,14 +180,14 @@ def test_metadata_and_inspect(ckpts, tmp_path, capsys):
     import idql_cm
 
     for path, fmt in ((out, "onnx"), (ts, "torchscript")):
-        meta = load_exported(path).metadata
-        assert meta["format"] == fmt and meta["kind"] == "ct" and meta["idql_cm_version"] == idql_cm.__version__
-        assert (meta["obs_dim"], meta["act_dim"]) == (OBS_DIM, ACT_DIM)
-        assert meta["action_low"] == [-1.0] * ACT_DIM and meta["action_high"] == [1.0] * ACT_DIM
-        assert meta["env_id"] == "HalfCheetah-v5" and meta["task"].endswith("a.hdf5")
-        assert meta["actor_sha256"] == file_sha256(ckpts["ct"]) and meta["critic_sha256"] == file_sha256(ckpts["iql"])
-    meta = load_exported(out).metadata
-    assert (meta["nfe"], meta["candidates"], meta["temperature"], meta["selection"]) == (2, 16, 30.0, "softmax")
+        metadata = load_exported(path).metadata
+        assert metadata["format"] == fmt and metadata["kind"] == "ct" and metadata["idql_cm_version"] == idql_cm.__version__
+        assert (metadata["obs_dim"], metadata["act_dim"]) == (OBS_DIM, ACT_DIM)
+        assert metadata["action_low"] == [-1.0] * ACT_DIM and metadata["action_high"] == [1.0] * ACT_DIM
+        assert metadata["env_id"] == "HalfCheetah-v5" and metadata["task"].endswith("a.hdf5")
+        assert metadata["actor_sha256"] == file_sha256(ckpts["ct"]) and metadata["critic_sha256"] == file_sha256(ckpts["iql"])
+    metadata = load_exported(out).metadata
+    assert (metadata["nfe"], metadata["candidates"], metadata["temperature"], metadata["selection"]) == (2, 16, 30.0, "softmax")
     assert load_exported(ts).metadata["selection"] == "argmax"
     capsys.readouterr()
     assert main(["export", "--inspect", str(out)]) == 0

@@ -27,7 +27,7 @@ def test_the_guidance_term_matches_a_hand_computation():
 
 def test_members_are_scaled_each_by_their_own_mean_abs_q():
     q = torch.tensor([[[1.0], [3.0]], [[-10.0], [-30.0]]])  # [S=2, B=2, 1]
-    term, q_mean = guidance_loss(q, 1.0, num_members=2)
+    term, q_mean = guidance_loss(q, 1.0, num_seeds=2)
     assert term.shape == (2,)
     assert torch.allclose(term, torch.tensor([-1.0, 1.0])) and torch.allclose(q_mean, torch.tensor([2.0, -20.0]))
 

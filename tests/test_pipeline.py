@@ -112,8 +112,8 @@ def test_pipeline_with_seeds_trains_every_stage_as_an_ensemble_and_reports_acros
     for stage in ("iql", "edm", "cd"):
         cfg = yaml.safe_load((out / f"{stage}.yaml").read_text())
         assert cfg["model"]["init_args"]["num_seeds"] == 2 and cfg["seed_everything"] == 3
-        meta = torch.load(out / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["idql_cm"]
-        assert meta["num_seeds"] == 2 and meta["seed"] == 3
+        payload = torch.load(out / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["idql_cm"]
+        assert payload["num_seeds"] == 2 and payload["seed"] == 3
     report = json.loads((out / "report.json").read_text())
     assert sorted(r["backbone"] for r in report["reports"]) == ["cd", "edm"]
     for r in report["reports"]:

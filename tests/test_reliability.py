@@ -181,12 +181,12 @@ def minari_root(tmp_path_factory) -> Path:
         g["terminations"] = np.zeros(t, bool)
         g["truncations"] = np.r_[np.zeros(t - 1, bool), True]
 
-    meta = '{"dataset_id": "%s", "total_episodes": 2, "total_steps": 40, "minari_version": "0.5.0"'
+    metadata = '{"dataset_id": "%s", "total_episodes": 2, "total_steps": 40, "minari_version": "0.5.0"'
     for ds_id, episodes, extra in (("test/dupmeta-v0", ["episode_0", "episode_1"], ', "total_steps": 400}'),
                                    ("test/dupepisode-v0", ["episode_0", "episode_1", "episode_01"], "}")):
         data_dir = root / ds_id / "data"
         data_dir.mkdir(parents=True)
-        (data_dir / "metadata.json").write_text(meta % ds_id + extra)
+        (data_dir / "metadata.json").write_text(metadata % ds_id + extra)
         with h5py.File(data_dir / "main_data.hdf5", "w") as f:
             for name in episodes:
                 episode(f, name)

@@ -89,3 +89,28 @@ def test_lower_layers_import_nothing_above():
             elif RANK.get(_layer(dst), 99) > RANK[layer]:
                 bad.append(f"{src} -> {dst} ({_layer(dst)} is above {layer})")
     assert not bad, "upward imports: " + "; ".join(bad)
+
+
+# docs/design.md "Names": each concept has one name; these are the retired ones (identifiers only, so prose such as
+# "the ensemble's members" stays free)
+RETIRED = {"num_members": "num_seeds", "steps_per_batch": "fused_steps", "steps_per_item": "fused_steps",
+           "meta": "payload (a checkpoint's) or metadata (an exported file's)", "data_info": "data_payload"}
+
+
+def test_retired_names_stay_retired():
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.arg):
+                names = [node.arg]
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            found += [f"{path.relative_to(PKG.parent)}:{node.lineno} {n} (use {RETIRED[n]})"
+                      for n in names if n in RETIRED]
+    assert len(list(PKG.rglob("*.py"))) > 30  # the walk saw the package
+    assert not found, "retired names: " + "; ".join(found)

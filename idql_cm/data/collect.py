@@ -420,7 +420,7 @@ def collect(
             if has_qpos:
                 f.create_dataset("infos/qpos", data=qpos)
                 f.create_dataset("infos/qvel", data=qvel)
-            meta = {
+            metadata = {
                 "env_id": env_id,
                 "behaviour": behaviour,
                 "seed": np.int64(seed),
@@ -434,17 +434,17 @@ def collect(
                 "generator": "idql-cm collect",
             }
             if gait is not None:
-                meta["gait"] = gait.to_vector()
-                meta["gait_search_return"] = np.float64(gait_score)
+                metadata["gait"] = gait.to_vector()
+                metadata["gait_search_return"] = np.float64(gait_score)
                 if weak_gait is not None:
-                    meta["weak_gait"] = weak_gait.to_vector()
+                    metadata["weak_gait"] = weak_gait.to_vector()
                 if behaviour == "medium-expert":
-                    meta["lapses"] = np.asarray(LAPSES, np.float64)
-                    meta["episode_lapse_steps"] = np.asarray(ep_lapses, np.int64)
+                    metadata["lapses"] = np.asarray(LAPSES, np.float64)
+                    metadata["episode_lapse_steps"] = np.asarray(ep_lapses, np.int64)
                 if behaviour == "mixed":
-                    meta["mixed_schedule"] = np.asarray(
+                    metadata["mixed_schedule"] = np.asarray(
                         [(np.nan, np.nan) if x is None else x for x in MIXED_SCHEDULE], np.float64)
-            for key, value in meta.items():
+            for key, value in metadata.items():
                 f.create_dataset(f"metadata/{key}", data=value)
     rets = np.asarray(ep_returns)
     _log(progress, f"wrote {out}: {transitions:,} transitions, {len(rets)} episodes, returns min {rets.min():.0f} / "

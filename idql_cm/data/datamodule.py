@@ -216,15 +216,15 @@ class TDDataModule(L.LightningDataModule):
         #: batches per Trainer iteration and members trained side by side: what the module's updates need, told by
         #: the module through :meth:`configure_draws`
         self.fused_steps = 1
-        self.num_members = 1
+        self.num_seeds = 1
 
-    def configure_draws(self, num_members: int, fused_steps: int) -> None:
+    def configure_draws(self, num_seeds: int, fused_steps: int) -> None:
         """Draw one batch per member (``[S, B, ...]``, member k's from seed s + k) and ``fused_steps`` updates'
         batches per item (``[K, B, ...]``): called by the module at every setup (``num_seeds``, ``fused_steps``)."""
-        if int(num_members) < 1 or int(fused_steps) < 1:
-            raise ConfigError(f"TDDataModule.configure_draws: expected positive counts, found {num_members} member(s), "
+        if int(num_seeds) < 1 or int(fused_steps) < 1:
+            raise ConfigError(f"TDDataModule.configure_draws: expected positive counts, found {num_seeds} member(s), "
                               f"{fused_steps} step(s) per batch")
-        self.num_members, self.fused_steps = int(num_members), int(fused_steps)
+        self.num_seeds, self.fused_steps = int(num_seeds), int(fused_steps)
 
     # ----------------------------------------------------------------------------------------- lazy dataset
     @property
@@ -362,10 +362,10 @@ class TDDataModule(L.LightningDataModule):
         """The batch seeds of the members of a ``num_seeds: S`` run (None for one member). Member k draws what a solo
         run of seed ``s + k`` draws: ``s + k`` when the batch seed comes from ``seed_everything: s``; with an explicit
         ``data.seed: d`` a solo run draws from ``d`` whatever its seed, so every member does."""
-        if self.num_members == 1:
+        if self.num_seeds == 1:
             return None
         base = resolve_seed(self.seed)
-        return [base if self.seed is not None else base + k for k in range(self.num_members)]
+        return [base if self.seed is not None else base + k for k in range(self.num_seeds)]
 
     def val_dataloader(self) -> SingleBatchLoader:
         """A loader of one tiny batch (the first transition, B = 1), so that ``trainer.validate`` and validation

@@ -130,8 +130,8 @@ def minari_metadata(data_dir: Path) -> dict:
 
 def minari_env_id(dataset_id: str) -> str | None:
     """The ``env_spec`` id a Minari dataset was collected in (e.g. ``"HalfCheetah-v5"``), or None."""
-    meta = minari_metadata(minari_dataset_dir(dataset_id))
-    spec = meta.get("env_spec")
+    metadata = minari_metadata(minari_dataset_dir(dataset_id))
+    spec = metadata.get("env_spec")
     if isinstance(spec, str):
         try:
             spec = json.loads(spec)

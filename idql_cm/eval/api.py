@@ -12,7 +12,7 @@ kind that went in (NumPy float32 for NumPy, tensors on the policy's device for t
 
 from __future__ import annotations
 
-from idql_cm.checkpoint import num_members, read_checkpoint
+from idql_cm.checkpoint import read_checkpoint, seeds_in
 from idql_cm.eval.agent import ActorPolicy, IDQLAgent
 from idql_cm.policies import actor_from_checkpoint, critic_from_checkpoint
 
@@ -49,5 +49,5 @@ def critic_member(critic_ckpt: str, member: int | None) -> int | None:
     """The critic member that pairs with actor member ``member``: the same one, or None for a solo critic."""
     if member is None:
         return None
-    meta = read_checkpoint(critic_ckpt, expect_kind="iql", what="critic checkpoint")["idql_cm"]
-    return member if num_members(meta) > 1 else None
+    payload = read_checkpoint(critic_ckpt, expect_kind="iql", what="critic checkpoint")["idql_cm"]
+    return member if seeds_in(payload) > 1 else None

@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from idql_cm.checkpoint import DataFacts, check_fits_data, num_members, read_checkpoint
+from idql_cm.checkpoint import DataFacts, check_fits_data, read_checkpoint, seeds_in
 from idql_cm.data.scores import D4RL_ENV_VERSION
 from idql_cm.errors import ConfigError
 from idql_cm.eval.agent import SELECTIONS, IDQLAgent
@@ -316,18 +316,18 @@ class RolloutEvaluation(Callback):
         """How many members (num_seeds) ``critic_ckpt`` holds (read once per path)."""
         path = str(self.critic_ckpt)
         if self._critic_count is None or self._critic_count[0] != path:
-            meta = read_checkpoint(path, expect_kind="iql", what="RolloutEvaluation.critic_ckpt")["idql_cm"]
-            self._critic_count = (path, num_members(meta))
+            payload = read_checkpoint(path, expect_kind="iql", what="RolloutEvaluation.critic_ckpt")["idql_cm"]
+            self._critic_count = (path, seeds_in(payload))
         return self._critic_count[1]
 
     def _check_member_counts(self, members: int) -> None:
         """An S-member critic pairs critic k with actor k: it needs an actor of S members (a solo critic serves any)."""
         if self.critic_ckpt is None or members == 1:  # a solo policy: critic_from_checkpoint refuses an S-member critic itself
             return
-        held = self._critic_members()
-        if held > 1 and held != members:
-            raise ConfigError(f"RolloutEvaluation.critic_ckpt: {self.critic_ckpt} holds {held} IQL members (num_seeds: "
-                              f"{held}), the policy has {members}; critic k pairs with actor k, so train both with the "
+        ckpt_seeds = self._critic_members()
+        if ckpt_seeds > 1 and ckpt_seeds != members:
+            raise ConfigError(f"RolloutEvaluation.critic_ckpt: {self.critic_ckpt} holds {ckpt_seeds} IQL members (num_seeds: "
+                              f"{ckpt_seeds}), the policy has {members}; critic k pairs with actor k, so train both with the "
                               f"same model.init_args.num_seeds (or use a solo critic)")
 
     def _get_critic(self, device, member: int | None = None):

@@ -115,8 +115,8 @@ class _Recorder:
         self.fps = 30
         if self.enabled:
             try:
-                meta = vec.get_attr("metadata")[0]
-                self.fps = int(meta.get("render_fps", 30))
+                env_metadata = vec.get_attr("metadata")[0]
+                self.fps = int(env_metadata.get("render_fps", 30))
             except Exception:  # noqa: BLE001 - cosmetic only
                 pass
 

@@ -37,11 +37,11 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def describe(meta: dict[str, Any]) -> str:
+def describe(metadata: dict[str, Any]) -> str:
     """An exported file's metadata as aligned ``key: value`` lines."""
-    width = max(map(len, meta))
+    width = max(map(len, metadata))
     lines = []
-    for key, value in meta.items():
+    for key, value in metadata.items():
         if isinstance(value, (list, dict)):
             value = json.dumps(value)
         lines.append(f"{key:<{width}}  {value}")

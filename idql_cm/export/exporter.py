@@ -134,9 +134,9 @@ def build_agent(actor_ckpt: str, critic_ckpt: str | None, candidates: int = 256,
         raise CheckpointError(f"--actor: {e}".replace("pass member=k", "pass --member k")) from e
     critic = None
     if critic_ckpt is not None:
-        meta = read_checkpoint(str(critic_ckpt), expect_kind="iql", what="--critic")["idql_cm"]
+        payload = read_checkpoint(str(critic_ckpt), expect_kind="iql", what="--critic")["idql_cm"]
         data = DataFacts(actor.obs_dim, actor.act_dim, actor.obs_mean, actor.obs_std, f"{actor.task} (the --actor's)")
-        check_fits_data(DataFacts.of_payload(meta), data, "--critic", str(critic_ckpt))
+        check_fits_data(DataFacts.of_payload(payload), data, "--critic", str(critic_ckpt))
         try:
             critic = critic_from_checkpoint(str(critic_ckpt), device="cpu", what="--critic",
                                  member=critic_member(str(critic_ckpt), member))
@@ -224,12 +224,12 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings: the sampler's Python checks run once, at trace time
         traced = torch.jit.trace(graph, (obs, noise, u), check_trace=False)
-    meta = _metadata(agent, nfe, str(actor_ckpt), None if critic_ckpt is None else str(critic_ckpt), fmt)
+    metadata = _metadata(agent, nfe, str(actor_ckpt), None if critic_ckpt is None else str(critic_ckpt), fmt)
     if member is not None:
-        meta["member"] = int(member)
+        metadata["member"] = int(member)
     try:
         with atomic_path(out) as tmp:  # the checked file replaces ``out`` only if every check passed
-            _write(fmt, traced, (obs, noise, u), meta, tmp)
+            _write(fmt, traced, (obs, noise, u), metadata, tmp)
             # checked on other states and another batch size than the trace saw
             obs, noise, u = _example(agent, nfe, b=5, seed=1)
             u = u if agent.draws_selection else None
@@ -237,11 +237,11 @@ def export_agent(actor_ckpt: str, critic_ckpt: str | None, out: str, nfe: int = 
             gap = float(np.abs(got - agent.act(obs, nfe, noise=noise, u=u).numpy()).max())
             if not gap <= TOLERANCE:
                 raise CheckpointError(f"export check: expected the exported graph within {TOLERANCE:g} of the "
-                                      f"eager agent, found a max |difference| of {gap:.3g} ({fmt}, {meta['kind']}, "
+                                      f"eager agent, found a max |difference| of {gap:.3g} ({fmt}, {metadata['kind']}, "
                                       f"NFE {nfe})")
     except OSError as e:
         raise ConfigError(f"--out: cannot write {out} ({e.strerror or e})") from e
-    return ExportResult(path=str(out), metadata=meta, max_abs_diff=gap)
+    return ExportResult(path=str(out), metadata=metadata, max_abs_diff=gap)
 
 
 def _unlink(path: str) -> None:
@@ -251,13 +251,13 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _write(fmt: str, traced, example, meta: dict[str, Any], path: str) -> None:
+def _write(fmt: str, traced, example, metadata: dict[str, Any], path: str) -> None:
     if fmt == "onnx":
-        _write_onnx(traced, example, meta, path)
+        _write_onnx(traced, example, metadata, path)
     else:
-        k, n, a = meta["nfe"], meta["candidates"], meta["act_dim"]
+        k, n, a = metadata["nfe"], metadata["candidates"], metadata["act_dim"]
         front = torch.jit.script(_OptionalRandomness(traced, k, n, a))
-        torch.jit.save(front, path, _extra_files={TS_EXTRA: json.dumps(meta)})
+        torch.jit.save(front, path, _extra_files={TS_EXTRA: json.dumps(metadata)})
 
 
 def _mish_symbolic(g, x):
@@ -275,7 +275,7 @@ def _mish_symbolic(g, x):
     return g.op("Mul", x, g.op("Div", n, g.op("Add", n, two)))
 
 
-def _write_onnx(traced, example, meta: dict[str, Any], path: str) -> None:
+def _write_onnx(traced, example, metadata: dict[str, Any], path: str) -> None:
     onnx = require_onnx("export to ONNX")
     from onnx import helper, numpy_helper
 
@@ -292,15 +292,15 @@ def _write_onnx(traced, example, meta: dict[str, Any], path: str) -> None:
     model = onnx.load(path)
     graph = model.graph
     present = {i.name for i in graph.input}
-    k, n, a = meta["nfe"], meta["candidates"], meta["act_dim"]
+    k, n, a = metadata["nfe"], metadata["candidates"], metadata["act_dim"]
     if "u" not in present:  # unused (argmax, or no critic): kept in the interface all the same
         graph.input.append(helper.make_tensor_value_info("u", onnx.TensorProto.FLOAT, ["u_batch"]))
     # empty defaults: a runtime may leave noise and u out, and the graph draws its own
     graph.initializer.append(numpy_helper.from_array(np.zeros((k, 0, n, a), np.float32), "noise"))
     graph.initializer.append(numpy_helper.from_array(np.zeros((0,), np.float32), "u"))
-    model.doc_string = (f"idql-cm {meta['kind']} IDQL agent: obs [B, {meta['obs_dim']}] -> action [B, {a}]; "
+    model.doc_string = (f"idql-cm {metadata['kind']} IDQL agent: obs [B, {metadata['obs_dim']}] -> action [B, {a}]; "
                         f"optional noise [{k}, B, {n}, {a}] and u [B]")
-    helper.set_model_props(model, {META_KEY: json.dumps(meta)})
+    helper.set_model_props(model, {META_KEY: json.dumps(metadata)})
     onnx.checker.check_model(model)
     onnx.save(model, path)
 

@@ -62,14 +62,14 @@ def net_kwargs(net: dict | None, **overrides: Any) -> dict[str, Any]:
     return kw
 
 
-def check_fits_datamodule(meta: dict[str, Any], datamodule: TrainingData | None, what: str, path: str) -> None:
-    """A partner checkpoint's payload (``meta``, read from ``path`` given as ``what``) against the run's data module
+def check_fits_datamodule(payload: dict[str, Any], datamodule: TrainingData | None, what: str, path: str) -> None:
+    """A partner checkpoint's payload (read from ``path`` given as ``what``) against the run's data module
     (sizes and normaliser); nothing to check without a data module."""
     if datamodule is None:
         return
     norm = datamodule.normalizer
     data = DataFacts(int(datamodule.obs_dim), int(datamodule.act_dim), norm.mean, norm.std, str(datamodule.dataset))
-    check_fits_data(DataFacts.of_payload(meta), data, what, path)
+    check_fits_data(DataFacts.of_payload(payload), data, what, path)
 
 
 class BehaviourModule(IDQLModule):
@@ -202,20 +202,20 @@ class BehaviourModule(IDQLModule):
     def _init_checkpoint(self, data: DataFacts | None = None) -> dict[str, Any]:
         """The ``init_from`` checkpoint, checked: its kind, its member count, and (given ``data``) its data."""
         ckpt = read_checkpoint(self.init_from, expect_kind=self.init_kinds(), what="model.init_from")
-        meta = ckpt["idql_cm"]
-        held = int(meta.get("num_seeds", 1))
-        if held != self.num_seeds:
-            raise ConfigError(f"model.init_from: {self.init_from} holds {held} member(s) (num_seeds {held}), this "
+        payload = ckpt["idql_cm"]
+        ckpt_seeds = int(payload.get("num_seeds", 1))
+        if ckpt_seeds != self.num_seeds:
+            raise ConfigError(f"model.init_from: {self.init_from} holds {ckpt_seeds} member(s) (num_seeds {ckpt_seeds}), this "
                               f"{self.kind} run has model.num_seeds: {self.num_seeds}; start from a run with "
                               f"num_seeds: {self.num_seeds}")
         if data is not None:
-            check_fits_data(DataFacts.of_payload(meta), data, "model.init_from", self.init_from)
+            check_fits_data(DataFacts.of_payload(payload), data, "model.init_from", self.init_from)
         return ckpt
 
     def data_facts(self, obs_dim: int | None = None, act_dim: int | None = None) -> DataFacts:
         """What ties a partner checkpoint (teacher, init, critic) to this run's data."""
         return DataFacts(obs_dim or self.obs_dim, act_dim or self.act_dim, self.obs_mean, self.obs_std,
-                         self.data_info.get("dataset"))
+                         self.data_payload.get("dataset"))
 
     def _build_from_init(self, obs_dim: int, act_dim: int) -> None:
         ckpt = self._init_checkpoint(self.data_facts(obs_dim, act_dim))
@@ -234,8 +234,8 @@ class BehaviourModule(IDQLModule):
         self.init_sha256 = file_sha256(self.init_from)
 
     # ------------------------------------------------------------------ critic guidance
-    def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_info, device="cpu") -> None:
-        super().init_nets(obs_dim, act_dim, obs_mean, obs_std, data_info, device)
+    def init_nets(self, obs_dim, act_dim, obs_mean, obs_std, data_payload, device="cpu") -> None:
+        super().init_nets(obs_dim, act_dim, obs_mean, obs_std, data_payload, device)
         if self.uses_critic:
             self.guidance = CriticGuidance(self._critic_path(), self.data_facts(), self.num_seeds,
                                            value=self.advantage_beta > 0)
@@ -253,14 +253,14 @@ class BehaviourModule(IDQLModule):
     def preflight(self, datamodule: TrainingData | None) -> None:
         """An ``init_from`` checkpoint and a guiding critic must be of this data, with this run's member count."""
         if self.init_from is not None:
-            meta = self._init_checkpoint()["idql_cm"]
-            check_fits_datamodule(meta, datamodule, "model.init_from", self.init_from)
+            payload = self._init_checkpoint()["idql_cm"]
+            check_fits_datamodule(payload, datamodule, "model.init_from", self.init_from)
         if not self.uses_critic:
             return
         path = self._critic_path()
-        meta = read_checkpoint(path, expect_kind="iql", what="model.critic_ckpt")["idql_cm"]
-        check_critic_members(int(meta.get("num_seeds", 1)), self.num_seeds, "model.critic_ckpt", path)
-        check_fits_datamodule(meta, datamodule, "model.critic_ckpt", path)
+        payload = read_checkpoint(path, expect_kind="iql", what="model.critic_ckpt")["idql_cm"]
+        check_critic_members(int(payload.get("num_seeds", 1)), self.num_seeds, "model.critic_ckpt", path)
+        check_fits_datamodule(payload, datamodule, "model.critic_ckpt", path)
 
     def frozen_nets(self) -> list[torch.nn.Module]:
         return [] if self.guidance is None else self.guidance.nets()
@@ -328,7 +328,7 @@ class BehaviourModule(IDQLModule):
                 raise ValueError(f"{type(self).__name__}.eval_actor: expected a member in 0..{self.num_seeds - 1}, "
                                  f"found {member}")
             model = member_of(model, member).eval().requires_grad_(False)
-        payload = {"kind": self.kind, "act_dim": int(self.act_dim), **self.data_info, **self.payload()}
+        payload = {"kind": self.kind, "act_dim": int(self.act_dim), **self.data_payload, **self.payload()}
         return Actor.of_payload(self.spec(), payload, model, self.obs_mean, self.obs_std, self.device)
 
 
@@ -464,7 +464,7 @@ class CTModule(ConsistencyBehaviour):
 class CDModule(ConsistencyBehaviour):
     """Consistency distillation (Song et al. 2023) from a frozen EDM teacher checkpoint.
 
-    The teacher (its EMA weights) is held outside the module's parameters: it is not optimised, not
+    The teacher (its EMA weights) is ckpt_seeds outside the module's parameters: it is not optimised, not
     synchronised by DDP, and not re-saved in CD checkpoints (its path and SHA-256 are recorded instead).
     """
 
@@ -516,42 +516,42 @@ class CDModule(ConsistencyBehaviour):
     def preflight(self, datamodule: TrainingData | None) -> None:
         """The teacher must be an EDM checkpoint of this data (sizes and normaliser), checked before any work."""
         super().preflight(datamodule)
-        meta = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
-        self._teacher_members(meta)
-        check_fits_datamodule(meta, datamodule, "model.teacher_ckpt", self.teacher_ckpt)
+        payload = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")["idql_cm"]
+        self._teacher_members(payload)
+        check_fits_datamodule(payload, datamodule, "model.teacher_ckpt", self.teacher_ckpt)
 
-    def _teacher_members(self, meta: dict[str, Any]) -> int | None:
+    def _teacher_members(self, payload: dict[str, Any]) -> int | None:
         """The teacher member this run reads (None: all of them, or a solo teacher), checked against num_seeds."""
-        held = int(meta.get("num_seeds", 1))
-        where = f"model.teacher_ckpt: {self.teacher_ckpt} holds {held} member(s) (num_seeds {held})"
+        ckpt_seeds = int(payload.get("num_seeds", 1))
+        where = f"model.teacher_ckpt: {self.teacher_ckpt} holds {ckpt_seeds} member(s) (num_seeds {ckpt_seeds})"
         if self.num_seeds > 1:
-            if held != self.num_seeds:
+            if ckpt_seeds != self.num_seeds:
                 raise ConfigError(f"{where}, this CD run has model.num_seeds: {self.num_seeds}; distil from an EDM "
                                   f"run with num_seeds: {self.num_seeds}")
             return None
         if self.teacher_member is None:
-            if held > 1:
-                raise ConfigError(f"{where}; set model.teacher_member: k (0..{held - 1}) to distil one of them, or "
-                                  f"model.num_seeds: {held} to distil all")
+            if ckpt_seeds > 1:
+                raise ConfigError(f"{where}; set model.teacher_member: k (0..{ckpt_seeds - 1}) to distil one of them, or "
+                                  f"model.num_seeds: {ckpt_seeds} to distil all")
             return None
-        if self.teacher_member >= held:
-            raise ConfigError(f"{where}; model.teacher_member: {self.teacher_member} is out of range 0..{held - 1}")
-        return self.teacher_member if held > 1 else None
+        if self.teacher_member >= ckpt_seeds:
+            raise ConfigError(f"{where}; model.teacher_member: {self.teacher_member} is out of range 0..{ckpt_seeds - 1}")
+        return self.teacher_member if ckpt_seeds > 1 else None
 
     def build_members(self, obs_dim: int, act_dim: int) -> None:
         self.build(obs_dim, act_dim)  # no random draws: every member starts from its teacher member's weights
 
     def build(self, obs_dim: int, act_dim: int) -> None:
         ckpt = read_checkpoint(self.teacher_ckpt, expect_kind="edm", what="model.teacher_ckpt")
-        meta, state = ckpt["idql_cm"], ckpt["state_dict"]
+        payload, state = ckpt["idql_cm"], ckpt["state_dict"]
         data = self.data_facts(obs_dim, act_dim)
-        check_fits_data(DataFacts.of_payload(meta), data, "model.teacher_ckpt", self.teacher_ckpt)
-        member = self._teacher_members(meta)
+        check_fits_data(DataFacts.of_payload(payload), data, "model.teacher_ckpt", self.teacher_ckpt)
+        member = self._teacher_members(payload)
         if member is not None:
             state = member_state(state, member)
-        self.net_kw = net_kwargs(meta["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
+        self.net_kw = net_kwargs(payload["net"]) if self.net_cfg is None else net_kwargs(self.net_cfg)
         S = self.num_seeds
-        teacher = edm_from_payload(meta, state, f"model.teacher_ckpt {self.teacher_ckpt}", num_members=S)
+        teacher = edm_from_payload(payload, state, f"model.teacher_ckpt {self.teacher_ckpt}", num_seeds=S)
         self.__dict__["_teacher"] = teacher.requires_grad_(False).eval()
         net = IDQLMlp(obs_dim, act_dim, **self.net_kw) if S == 1 else StackedIDQLMlp(S, obs_dim, act_dim, **self.net_kw)
         if S > 1:

@@ -51,7 +51,7 @@ class ConfigurableDraws(Protocol):
     one batch per member (``[S, B, ...]``, member k's from seed s + k; ``model.num_seeds`` needs it) and the batches
     of K updates per item (``[K, B, ...]``; ``model.fused_steps`` needs it)."""
 
-    def configure_draws(self, num_members: int, fused_steps: int) -> None: ...
+    def configure_draws(self, num_seeds: int, fused_steps: int) -> None: ...
 
 
 @runtime_checkable
@@ -71,16 +71,16 @@ def cosine_or_constant(optimizer: torch.optim.Optimizer, schedule: str, total_st
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float, num_members: int = 1,
+def make_optimizer(params, name: str, lr: float, weight_decay: float, num_seeds: int = 1,
                    members_after_closure=None) -> torch.optim.Optimizer:
-    """Adam or AdamW; for ``num_members`` S > 1 (stacked ``[S, ...]`` parameters) :class:`MemberAdam`, which gives
+    """Adam or AdamW; for ``num_seeds`` S > 1 (stacked ``[S, ...]`` parameters) :class:`MemberAdam`, which gives
     member k torch's Adam / AdamW update with its own step count (so one member's update can be skipped: it asks
     ``members_after_closure`` which members step)."""
     # The reference trains its actors with AdamW at PyTorch's default weight decay 0.01 because it passes
     # only {"lr": 3e-4} (docs/design.md). Every shipped actor config sets optimizer and weight_decay
     # explicitly (tests/test_configs_smoke.py checks it): Adam without decay, as AdamW 0.01 measured no better.
-    if name in ("adam", "adamw") and num_members > 1:
-        return MemberAdam(params, num_members, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw",
+    if name in ("adam", "adamw") and num_seeds > 1:
+        return MemberAdam(params, num_seeds, lr=lr, weight_decay=weight_decay, decoupled=name == "adamw",
                           members_after_closure=members_after_closure)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -124,7 +124,7 @@ class IDQLModule(pl.LightningModule):
         self.guard = NonFiniteGuard(nonfinite, check_finite_every, self.num_seeds)
         self.obs_dim: int | None = None
         self.act_dim: int | None = None
-        self.data_info: dict[str, Any] = {}
+        self.data_payload: dict[str, Any] = {}
         self._log_now: bool | None = None  # should_log() of the current training step (set per batch)
         self._opt_params: tuple[int, list[torch.Tensor]] | None = None  # (id(optimizer), its parameters)
         self._step_logs: list[tuple[str, Any, dict[str, Any]]] = []  # this iteration's scalars (see log_scalar)
@@ -159,14 +159,14 @@ class IDQLModule(pl.LightningModule):
                 net.compile()
         self.to(self.trainer.strategy.root_device)
 
-    def init_nets(self, obs_dim: int, act_dim: int, obs_mean: Any, obs_std: Any, data_info: dict[str, Any],
+    def init_nets(self, obs_dim: int, act_dim: int, obs_mean: Any, obs_std: Any, data_payload: dict[str, Any],
                   device: torch.device | str = "cpu") -> None:
         """Build the networks for data of these sizes and this normaliser (what ``setup`` does with the data module's
         facts; also the bare benchmark loop's way to get the module's own networks without a Trainer)."""
         self.obs_dim, self.act_dim = int(obs_dim), int(act_dim)
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32).clone())
         self.register_buffer("obs_std", torch.as_tensor(obs_std, dtype=torch.float32).clone())
-        self.data_info = dict(data_info)
+        self.data_payload = dict(data_payload)
         if self.num_seeds == 1:
             self.build(self.obs_dim, self.act_dim)
         else:
@@ -234,25 +234,25 @@ class IDQLModule(pl.LightningModule):
         # the module's class path: a backbone defined outside the package is found again by importing it
         module = {MODULE_KEY: f"{type(self).__module__}.{type(self).__qualname__}"}
         checkpoint["idql_cm"] = make_payload(self.kind, self.obs_dim, self.act_dim, self.obs_mean, self.obs_std,
-                                             self.data_info, {**module, **self.payload(), **members},
+                                             self.data_payload, {**module, **self.payload(), **members},
                                              self.guard.skipped)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = trainer_of(self)
         path = trainer.ckpt_path if trainer is not None else None
-        meta = check_payload(checkpoint.get("idql_cm"), self.kind, "checkpoint", str(path))
+        payload = check_payload(checkpoint.get("idql_cm"), self.kind, "checkpoint", str(path))
         # Resuming on other data would silently replace this data's normaliser by the checkpoint's (the buffers
         # load with the weights): refuse while fitting. validate / test use the checkpoint's normaliser, as they should.
         fitting = trainer is not None and trainer.state.fn == "fit"
         if self.obs_dim is not None:
             data = DataFacts(int(self.obs_dim), int(self.act_dim), self.obs_mean if fitting else None,
-                             self.obs_std if fitting else None, self.data_info.get("dataset"))
-            check_fits_data(DataFacts.of_payload(meta), data, "--ckpt_path", str(path))
-        held = int(meta.get("num_seeds", 1))
-        if held != self.num_seeds:
-            raise CheckpointError(f"--ckpt_path: {path} holds {held} member(s) (num_seeds), this run has "
+                             self.obs_std if fitting else None, self.data_payload.get("dataset"))
+            check_fits_data(DataFacts.of_payload(payload), data, "--ckpt_path", str(path))
+        ckpt_seeds = int(payload.get("num_seeds", 1))
+        if ckpt_seeds != self.num_seeds:
+            raise CheckpointError(f"--ckpt_path: {path} holds {ckpt_seeds} member(s) (num_seeds), this run has "
                                   f"model.init_args.num_seeds: {self.num_seeds}; resume with the same count")
-        self.guard.restore(meta.get("skipped_steps", 0))
+        self.guard.restore(payload.get("skipped_steps", 0))
         migrate_loop_progress(checkpoint)
 
     # ------------------------------------------------------------------ the update step (plain functions)

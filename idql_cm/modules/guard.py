@@ -41,13 +41,13 @@ class NonFiniteGuard:
     """This fit's non-finite bookkeeping: the losses watched this step, the skip counts, the members stepping this
     update, a deferred verdict not read yet."""
 
-    def __init__(self, mode: str, check_every: int, num_members: int) -> None:
+    def __init__(self, mode: str, check_every: int, num_seeds: int) -> None:
         if mode not in MODES:
             raise ConfigError(f"model.nonfinite: expected 'stop' or 'skip', found {mode!r}")
         self.mode = mode
         self.check_every = max(1, int(check_every))
-        self.num_members = int(num_members)
-        self.skipped: int | list[int] = 0 if self.num_members == 1 else [0] * self.num_members
+        self.num_seeds = int(num_seeds)
+        self.skipped: int | list[int] = 0 if self.num_seeds == 1 else [0] * self.num_seeds
         self.watched: Watched = []  # this step's losses, checked before the update
         self.skip_update = False  # this step's update is skipped (skip mode)
         self.member_mask: torch.Tensor | None = None  # members whose update goes ahead this step (skip mode, S > 1)
@@ -83,7 +83,7 @@ class NonFiniteGuard:
         The hot path is one sum and one read-back (the host sync of a checked step): a sum is non-finite iff a term
         is (or the terms overflow float32, which is no healthy loss either); which one is bad is worked out only on
         failure. ``params``: the optimiser's parameters (their gradients are dropped for a skipped update)."""
-        if self.num_members > 1:  # per-member [S] losses and norms: one sum all the same
+        if self.num_seeds > 1:  # per-member [S] losses and norms: one sum all the same
             terms = [v.float().sum() for _, v in watched]
         else:
             terms = [v.reshape(()).float() for _, v in watched]
@@ -103,7 +103,7 @@ class NonFiniteGuard:
             return
         quantity = bad_quantity(watched, grad_norms)
         name = type(host).__name__
-        if self.num_members > 1:
+        if self.num_seeds > 1:
             self._members(host, watched, grad_norms, quantity)
             return
         if self.mode == "skip":
@@ -130,7 +130,7 @@ class NonFiniteGuard:
     def _verdict(self, host: Guarded, watched: Watched, grad_norms: torch.Tensor | None) -> list[bool]:
         """Per member: True where its watched losses and gradient norm are finite, on every rank."""
         ok = member_finite([v for _, v in watched] + ([grad_norms] if grad_norms is not None else []),
-                           self.num_members)
+                           self.num_seeds)
         trainer = trainer_of(host)
         if trainer is not None and trainer.world_size > 1:  # a member skipped on one rank is skipped on all
             bad = trainer.strategy.reduce((~ok).float(), reduce_op="sum")
@@ -140,7 +140,7 @@ class NonFiniteGuard:
     def _members(self, host: Guarded, watched: Watched, grad_norms: torch.Tensor | None, quantity: str) -> None:
         """The failure path with S members: stop naming the members, or skip only their updates."""
         ok = self._verdict(host, watched, grad_norms)
-        bad = [k for k, good in enumerate(ok) if not good] or list(range(self.num_members))
+        bad = [k for k, good in enumerate(ok) if not good] or list(range(self.num_seeds))
         who = ", ".join(f"member {k} (seed {host.member_seed(k)})" for k in bad)
         name = type(host).__name__
         if self.mode == "stop":
@@ -222,17 +222,17 @@ class NonFiniteGuard:
 
     def restore(self, saved: Any) -> None:
         """The skip counts of a resumed checkpoint."""
-        self.skipped = [int(n) for n in saved] if self.num_members > 1 else int(saved or 0)
+        self.skipped = [int(n) for n in saved] if self.num_seeds > 1 else int(saved or 0)
 
     def finish(self, host: Guarded) -> None:
         """The end of a fit: the last deferred verdict, and the skip counts said once."""
         self.resolve_pending(host)
         name = type(host).__name__
-        if self.num_members > 1 and any(self.skipped):
+        if self.num_seeds > 1 and any(self.skipped):
             counts = ", ".join(f"member {k}: {n}" for k, n in enumerate(self.skipped))
             host.warn(f"{name}: training steps skipped for non-finite values per member ({counts}; "
                       "model.init_args.nonfinite: skip)")
-        elif self.num_members == 1 and self.skipped:
+        elif self.num_seeds == 1 and self.skipped:
             host.warn(f"{name}: {self.skipped} training steps were skipped for non-finite values "
                       "(model.init_args.nonfinite: skip)")
 

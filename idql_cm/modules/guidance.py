@@ -45,10 +45,10 @@ def check_q_weight(q_weight: Any, name: str = "q_weight") -> float:
     return value
 
 
-def guidance_loss(q: torch.Tensor, q_weight: float, num_members: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def guidance_loss(q: torch.Tensor, q_weight: float, num_seeds: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``(−η · mean Q / sg(mean |Q|), mean Q)`` of ``q [..., B, 1]``: scalars, or ``[S]`` per member."""
-    q_mean = member_mean(q, num_members)
-    scale = member_mean(q.abs(), num_members).detach().clamp_min(1e-8)
+    q_mean = member_mean(q, num_seeds)
+    scale = member_mean(q.abs(), num_seeds).detach().clamp_min(1e-8)
     return -q_weight * q_mean / scale, q_mean.detach()
 
 
@@ -71,32 +71,32 @@ def advantage_resample(batch: dict[str, torch.Tensor], adv: torch.Tensor, beta: 
     return out, share
 
 
-def check_critic_members(held: int, num_members: int, where: str, path: str) -> None:
+def check_critic_members(ckpt_seeds: int, num_seeds: int, where: str, path: str) -> None:
     """An S-member critic pairs critic k with member k, so it must hold this run's member count (a solo one guides all)."""
-    if held > 1 and held != num_members:
-        raise ConfigError(f"{where}: {path} holds {held} IQL members (num_seeds {held}), this run has "
-                          f"model.num_seeds: {num_members}; critic k guides member k, so train both with the same "
+    if ckpt_seeds > 1 and ckpt_seeds != num_seeds:
+        raise ConfigError(f"{where}: {path} holds {ckpt_seeds} IQL members (num_seeds {ckpt_seeds}), this run has "
+                          f"model.num_seeds: {num_seeds}; critic k guides member k, so train both with the same "
                           "num_seeds (or guide with a solo critic)")
 
 
 class CriticGuidance:
     """The frozen twin target-Q of an IQL checkpoint, as the guidance term sees it.
 
-    ``num_members`` S > 1: an S-member critic pairs critic k with member k (a solo critic guides every member)."""
+    ``num_seeds`` S > 1: an S-member critic pairs critic k with member k (a solo critic guides every member)."""
 
-    def __init__(self, path: str, data: DataFacts, num_members: int = 1, where: str = "model.critic_ckpt",
+    def __init__(self, path: str, data: DataFacts, num_seeds: int = 1, where: str = "model.critic_ckpt",
                  value: bool = False):
         ckpt = read_checkpoint(path, expect_kind=CRITIC_KIND, what=where)
-        meta, state = ckpt["idql_cm"], ckpt["state_dict"]
-        check_fits_data(DataFacts.of_payload(meta), data, where, path)
-        held = int(meta.get("num_seeds", 1))
-        check_critic_members(held, num_members, where, path)
-        dims = (int(meta["obs_dim"]), int(meta["act_dim"]), int(meta["hidden_dim"]))
+        payload, state = ckpt["idql_cm"], ckpt["state_dict"]
+        check_fits_data(DataFacts.of_payload(payload), data, where, path)
+        ckpt_seeds = int(payload.get("num_seeds", 1))
+        check_critic_members(ckpt_seeds, num_seeds, where, path)
+        dims = (int(payload["obs_dim"]), int(payload["act_dim"]), int(payload["hidden_dim"]))
         with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the global generator be
-            q: nn.Module = TwinQ(*dims) if held == 1 else StackedTwinQ(held, *dims)
+            q: nn.Module = TwinQ(*dims) if ckpt_seeds == 1 else StackedTwinQ(ckpt_seeds, *dims)
             v: nn.Module | None = None
             if value:
-                v = ValueNet(dims[0], dims[2]) if held == 1 else StackedValueNet(held, dims[0], dims[2])
+                v = ValueNet(dims[0], dims[2]) if ckpt_seeds == 1 else StackedValueNet(ckpt_seeds, dims[0], dims[2])
         load_weights(q, state, "q_target.", f"{where} {path}")
         self.q = q.requires_grad_(False).eval()
         self.v = None
@@ -105,7 +105,7 @@ class CriticGuidance:
             self.v = v.requires_grad_(False).eval()
         self.path = path
         self.sha256 = file_sha256(path)
-        self.num_members = int(num_members)
+        self.num_seeds = int(num_seeds)
 
     def __call__(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         """``Q(obs, act)`` ``[..., B, 1]`` in fp32 (normalised observations; the gradient flows to ``act``)."""

@@ -13,10 +13,10 @@ from idql_cm.nets.critics import TwinQ, ValueNet
 from idql_cm.nets.ensemble import member_mean
 
 
-def expectile_loss(diff: torch.Tensor, expectile: float, num_members: int = 1) -> torch.Tensor:
+def expectile_loss(diff: torch.Tensor, expectile: float, num_seeds: int = 1) -> torch.Tensor:
     """mean(|τ − 1[u<0]|·u²) with u = Q − V (IQL eq. 5); ``[S]`` per member for stacked ``[S, B, 1]``."""
     weight = torch.where(diff < 0, 1.0 - expectile, expectile)
-    return member_mean(weight * diff.square(), num_members)
+    return member_mean(weight * diff.square(), num_seeds)
 
 
 class IQLModule(IDQLModule):

@@ -34,11 +34,11 @@ class MemberGenerators:
     solo run draws. Deep copies share the generators (an EMA copy of a stacked net keeps the binding).
     """
 
-    def __init__(self, num_members: int, device: torch.device | str = "cpu"):
-        if num_members < 1:
-            raise ValueError(f"MemberGenerators: expected at least one member, found {num_members}")
+    def __init__(self, num_seeds: int, device: torch.device | str = "cpu"):
+        if num_seeds < 1:
+            raise ValueError(f"MemberGenerators: expected at least one member, found {num_seeds}")
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device) for _ in range(num_members)]
+        self.generators = [torch.Generator(device=self.device) for _ in range(num_seeds)]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -111,11 +111,11 @@ class StackedLinear(nn.Module):
 
     batched: bool | None = None  # see set_batched
 
-    def __init__(self, num_members: int, in_features: int, out_features: int):
+    def __init__(self, num_seeds: int, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(num_members, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(num_members, out_features))
+        self.weight = nn.Parameter(torch.empty(num_seeds, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_seeds, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _batched(self, x):
@@ -132,11 +132,11 @@ class StackedLayerNorm(nn.Module):
 
     batched: bool | None = None  # see set_batched
 
-    def __init__(self, num_members: int, dim: int, eps: float = 1e-5):
+    def __init__(self, num_seeds: int, dim: int, eps: float = 1e-5):
         super().__init__()
         self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(num_members, dim))
-        self.bias = nn.Parameter(torch.zeros(num_members, dim))
+        self.weight = nn.Parameter(torch.ones(num_seeds, dim))
+        self.bias = nn.Parameter(torch.zeros(num_seeds, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [S, B, dim]
         if not _batched(self, x):
@@ -173,9 +173,9 @@ class MemberDropout(nn.Module):
 class StackedFourierEmbedding(nn.Module):
     """:class:`~idql_cm.nets.mlp.FourierEmbedding` per member: ``freqs [S, emb/2]``; ``c_noise [S, B] -> [S, B, emb]``."""
 
-    def __init__(self, num_members: int, emb_dim: int):
+    def __init__(self, num_seeds: int, emb_dim: int):
         super().__init__()
-        self.register_buffer("freqs", torch.zeros(num_members, emb_dim // 2))
+        self.register_buffer("freqs", torch.zeros(num_seeds, emb_dim // 2))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         phase = 2 * math.pi * c_noise[..., None] * self.freqs[:, None, :]  # the solo op order
@@ -217,17 +217,17 @@ def bind_rng(module: nn.Module, rng: MemberGenerators | None) -> None:
 
 
 class Stacked(nn.Module):
-    """Base of the stacked nets: ``num_members``, ``from_members``, ``member_state_dict``, ``member``.
+    """Base of the stacked nets: ``num_seeds``, ``from_members``, ``member_state_dict``, ``member``.
 
     A subclass sets ``solo`` (the solo class) and builds the solo class's submodules under the same names from the
-    solo constructor's arguments (``solo_config``) plus ``num_members``.
+    solo constructor's arguments (``solo_config``) plus ``num_seeds``.
     """
 
     solo: type[nn.Module]
 
-    def __init__(self, num_members: int, solo_config: dict):
+    def __init__(self, num_seeds: int, solo_config: dict):
         super().__init__()
-        self.num_members, self.solo_config = int(num_members), dict(solo_config)
+        self.num_seeds, self.solo_config = int(num_seeds), dict(solo_config)
 
     @classmethod
     def config_of(cls, net: nn.Module) -> dict:  # pragma: no cover - abstract
@@ -253,8 +253,8 @@ class Stacked(nn.Module):
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """A state dict of member ``member`` that ``solo(**solo_config)`` loads (an exact copy)."""
-        if not 0 <= member < self.num_members:
-            raise IndexError(f"{type(self).__name__}: member {member} out of range (0..{self.num_members - 1})")
+        if not 0 <= member < self.num_seeds:
+            raise IndexError(f"{type(self).__name__}: member {member} out of range (0..{self.num_seeds - 1})")
         return unstack_state_dict(self.state_dict(), member)
 
     def member(self, member: int) -> nn.Module:
@@ -269,14 +269,14 @@ class Stacked(nn.Module):
 class StackedResidualBlock(nn.Module):
     """:class:`~idql_cm.nets.mlp.ResidualBlock` per member (the same ``body`` indices)."""
 
-    def __init__(self, num_members: int, dim: int, expand: int = 4, dropout: float = 0.1):
+    def __init__(self, num_seeds: int, dim: int, expand: int = 4, dropout: float = 0.1):
         super().__init__()
         self.body = nn.Sequential(
             MemberDropout(dropout),
-            StackedLayerNorm(num_members, dim),
-            StackedLinear(num_members, dim, dim * expand),
+            StackedLayerNorm(num_seeds, dim),
+            StackedLinear(num_seeds, dim, dim * expand),
             nn.Mish(),
-            StackedLinear(num_members, dim * expand, dim),
+            StackedLinear(num_seeds, dim * expand, dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,14 +292,14 @@ class StackedIDQLMlp(Stacked):
 
     solo = IDQLMlp
 
-    def __init__(self, num_members: int, obs_dim: int, act_dim: int, emb_dim: int = 64, hidden_dim: int = 256,
+    def __init__(self, num_seeds: int, obs_dim: int, act_dim: int, emb_dim: int = 64, hidden_dim: int = 256,
                  n_blocks: int = 3, expand: int = 4, dropout: float = 0.1, fourier_scale: float = 16.0,
                  final_activation: bool = True):
         cfg = dict(obs_dim=obs_dim, act_dim=act_dim, emb_dim=emb_dim, hidden_dim=hidden_dim, n_blocks=n_blocks,
                    expand=expand, dropout=dropout, fourier_scale=fourier_scale, final_activation=final_activation)
-        super().__init__(num_members, cfg)
+        super().__init__(num_seeds, cfg)
         self.obs_dim, self.act_dim, self.config = obs_dim, act_dim, cfg
-        S = num_members
+        S = num_seeds
         self.time_emb = nn.Sequential(
             StackedFourierEmbedding(S, emb_dim),
             StackedLinear(S, emb_dim, 2 * emb_dim),
@@ -319,16 +319,16 @@ class StackedIDQLMlp(Stacked):
         return self.out(self.blocks(h))
 
 
-def _stacked_head(num_members: int, in_dim: int, hidden_dim: int) -> nn.Sequential:
+def _stacked_head(num_seeds: int, in_dim: int, hidden_dim: int) -> nn.Sequential:
     """``critics._head`` per member (the same indices)."""
     return nn.Sequential(
-        StackedLinear(num_members, in_dim, hidden_dim),
-        StackedLayerNorm(num_members, hidden_dim),
+        StackedLinear(num_seeds, in_dim, hidden_dim),
+        StackedLayerNorm(num_seeds, hidden_dim),
         nn.Mish(),
-        StackedLinear(num_members, hidden_dim, hidden_dim),
-        StackedLayerNorm(num_members, hidden_dim),
+        StackedLinear(num_seeds, hidden_dim, hidden_dim),
+        StackedLayerNorm(num_seeds, hidden_dim),
         nn.Mish(),
-        StackedLinear(num_members, hidden_dim, 1),
+        StackedLinear(num_seeds, hidden_dim, 1),
     )
 
 
@@ -337,10 +337,10 @@ class StackedTwinQ(Stacked):
 
     solo = TwinQ
 
-    def __init__(self, num_members: int, obs_dim: int, act_dim: int, hidden_dim: int = 256):
-        super().__init__(num_members, dict(obs_dim=obs_dim, act_dim=act_dim, hidden_dim=hidden_dim))
-        self.q1 = _stacked_head(num_members, obs_dim + act_dim, hidden_dim)
-        self.q2 = _stacked_head(num_members, obs_dim + act_dim, hidden_dim)
+    def __init__(self, num_seeds: int, obs_dim: int, act_dim: int, hidden_dim: int = 256):
+        super().__init__(num_seeds, dict(obs_dim=obs_dim, act_dim=act_dim, hidden_dim=hidden_dim))
+        self.q1 = _stacked_head(num_seeds, obs_dim + act_dim, hidden_dim)
+        self.q2 = _stacked_head(num_seeds, obs_dim + act_dim, hidden_dim)
 
     @classmethod
     def config_of(cls, net: TwinQ) -> dict:
@@ -361,9 +361,9 @@ class StackedValueNet(Stacked):
 
     solo = ValueNet
 
-    def __init__(self, num_members: int, obs_dim: int, hidden_dim: int = 256):
-        super().__init__(num_members, dict(obs_dim=obs_dim, hidden_dim=hidden_dim))
-        self.v = _stacked_head(num_members, obs_dim, hidden_dim)
+    def __init__(self, num_seeds: int, obs_dim: int, hidden_dim: int = 256):
+        super().__init__(num_seeds, dict(obs_dim=obs_dim, hidden_dim=hidden_dim))
+        self.v = _stacked_head(num_seeds, obs_dim, hidden_dim)
 
     @classmethod
     def config_of(cls, net: ValueNet) -> dict:
@@ -374,6 +374,6 @@ class StackedValueNet(Stacked):
         return self.v(obs)
 
 
-def member_mean(x: torch.Tensor, num_members: int) -> torch.Tensor:
+def member_mean(x: torch.Tensor, num_seeds: int) -> torch.Tensor:
     """The mean of a batch quantity: a scalar for one member, ``[S]`` (over every dim but the first) for S."""
-    return x.mean() if num_members == 1 else x.mean(dim=tuple(range(1, x.ndim)))
+    return x.mean() if num_seeds == 1 else x.mean(dim=tuple(range(1, x.ndim)))

@@ -27,7 +27,7 @@ class MemberAdam(torch.optim.Optimizer):
     ``param_groups`` as for any optimiser (the rate is shared: a schedule counts updates, skipped ones too).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], num_members: int, lr: float = 1e-3,
+    def __init__(self, params: Iterable[torch.Tensor], num_seeds: int, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  decoupled: bool = False, members_after_closure: Callable[[], torch.Tensor | None] | None = None):
         """``members_after_closure``: asked after a ``step``'s closure ran which members step this update (a bool
@@ -36,12 +36,12 @@ class MemberAdam(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"MemberAdam: invalid lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled))
-        self.num_members = int(num_members)
+        self.num_seeds = int(num_seeds)
         self._members_after_closure = members_after_closure
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim == 0 or p.shape[0] != self.num_members:
-                    raise ValueError(f"MemberAdam: expected parameters [{self.num_members}, ...], found "
+                if p.ndim == 0 or p.shape[0] != self.num_seeds:
+                    raise ValueError(f"MemberAdam: expected parameters [{self.num_seeds}, ...], found "
                                      f"{list(p.shape)}")
 
     @torch.no_grad()
@@ -55,7 +55,7 @@ class MemberAdam(torch.optim.Optimizer):
                 loss = closure()
         if members is None and self._members_after_closure is not None:
             members = self._members_after_closure()
-        S = self.num_members
+        S = self.num_seeds
         if members is None:
             stepping = list(range(S))
         else:
@@ -115,22 +115,22 @@ class MemberAdam(torch.optim.Optimizer):
                 "exp_avg_sq": state["exp_avg_sq"][member].clone()}
 
 
-def per_member_grad_norm(params: Iterable[torch.Tensor], num_members: int) -> torch.Tensor:
+def per_member_grad_norm(params: Iterable[torch.Tensor], num_seeds: int) -> torch.Tensor:
     """The L2 norm of every member's whole gradient ``[S]`` (parameters ``[S, ...]``; those without grad are left
     out): member k's value is what ``vector_norm`` over its solo gradients gives, up to summation order."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(num_members)
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(num_members, -1), dim=1) for g in grads])  # [P, S]
+        return torch.zeros(num_seeds)
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(num_seeds, -1), dim=1) for g in grads])  # [P, S]
     return torch.linalg.vector_norm(per_tensor, dim=0)
 
 
-def member_finite(tensors: Iterable[torch.Tensor], num_members: int) -> torch.Tensor:
+def member_finite(tensors: Iterable[torch.Tensor], num_seeds: int) -> torch.Tensor:
     """Bool ``[S]``: True where every value of member k in every tensor (``[S, ...]`` or a per-member ``[S]``) is
     finite. One reduction per tensor and no host sync."""
-    ok = torch.ones(num_members, dtype=torch.bool)
+    ok = torch.ones(num_seeds, dtype=torch.bool)
     for t in tensors:
-        ok = ok.to(t.device) & torch.isfinite(t.reshape(num_members, -1)).all(dim=1)
+        ok = ok.to(t.device) & torch.isfinite(t.reshape(num_seeds, -1)).all(dim=1)
     return ok
 
 
