@@ -13,7 +13,7 @@ help:
 	@echo "make demo      - collect the built-in HalfCheetah dataset, train IQL, EDM, CD, CT and MeanFlow on CPU, evaluate, report"
 	@echo "make test      - run the test suite"
 	@echo "make bench     - throughput benchmarks -> benchmarks/results.json"
-	@echo "make quality   - generative-policy quality on six known toys + a medium-expert analogue, one seed (CPU, ~35 min, estimated)"
+	@echo "make quality   - generative-policy quality on six known toys + a medium-expert analogue, one seed (CPU, ~35-40 min on 2 idle cores)"
 	@echo "make quality-full - the verdict over seeds: toys at 3 data seeds, two analogues x 5 members, CT from EDM (CPU, ~4 h)"
 	@echo "make quality-guidance - critic-guided one-step policies (q_weight) on the paid toy and the medium-expert analogue (CPU, ~70 min)"
 	@echo "make pipeline TASK=halfcheetah-medium-v2 SEED=0 - full protocol on a D4RL file (GPU)"

@@ -5,6 +5,7 @@ paid-toy test: 248 s against 58 s alone)."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -37,8 +38,38 @@ def cli(capsys, monkeypatch):
         for k, v in (env or {}).items():
             monkeypatch.setenv(k, v)
         capsys.readouterr()
+        _stderr_handlers_to_this_test()
         code = main(list(args))
         out = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
+
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of the write."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        if not getattr(sys.stderr, "closed", False):
+            sys.stderr.flush()
+
+
+def _stderr_handlers_to_this_test() -> None:
+    """Lightning's and torch's loggers carry plain ``StreamHandler``s bound to whatever ``sys.stderr`` was when they
+    were first imported: under pytest, possibly an earlier test's capture, closed by now ("--- Logging error ---"
+    and a traceback on the next log line). A new process binds the real stderr; here they write to the stderr of the
+    moment (this test's capture). pytest's own capture handlers are subclasses and are left alone."""
+    import logging
+
+    import lightning.pytorch  # noqa: F401 - its loggers' handlers exist from here on
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+                handler.setStream(_CurrentStderr())

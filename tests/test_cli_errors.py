@@ -35,8 +35,8 @@ def test_missing_dataset_file(tmp_path, cli):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_missing_d4rl_file_names_file_and_folder(tmp_path):
-    proc = run_cli_subprocess(["fit", "--config", str(CONFIGS / "hopper-medium-v2" / "iql.yaml"),
+def test_missing_d4rl_file_names_file_and_folder(tmp_path, cli):
+    proc = cli(["fit", "--config", str(CONFIGS / "hopper-medium-v2" / "iql.yaml"),
                                "--trainer.default_root_dir", str(tmp_path / "run")],
                               env={"D4RL_DATASET_DIR": str(tmp_path)})
     _one_line_error(proc, "hopper_medium-v2.hdf5", str(tmp_path))
@@ -67,10 +67,10 @@ def test_not_a_checkpoint(dataset, tmp_path, cli):
     _one_line_error(cli(["fit", "--config", str(edm), "--ckpt_path", str(bogus)]), str(bogus))
 
 
-def test_missing_teacher_for_cd(dataset, tmp_path):
+def test_missing_teacher_for_cd(dataset, tmp_path, cli):
     cd = shrink_config(CONFIGS / "demo" / "cd.yaml", tmp_path / "cd.yaml", tmp_path / "run" / "cd", dataset, steps=2,
                        keep_eval=False)
-    _one_line_error(run_cli_subprocess(["fit", "--config", str(cd)]), "teacher_ckpt",
+    _one_line_error(cli(["fit", "--config", str(cd)]), "teacher_ckpt",
                     str(Path(tmp_path / "run" / "edm" / "checkpoints" / "last.ckpt")))
 
 
@@ -87,10 +87,10 @@ def test_missing_config_file(tmp_path, cli):
 
 
 @pytest.mark.parametrize("flag,value", [("gradient_clip_val", "1.0"), ("accumulate_grad_batches", "2")])
-def test_automatic_optimisation_flags_are_refused_before_anything_is_written(flag, value, dataset, tmp_path):
+def test_automatic_optimisation_flags_are_refused_before_anything_is_written(flag, value, dataset, tmp_path, cli):
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", dataset, steps=2,
                         keep_eval=False)
-    proc = run_cli_subprocess(["fit", "--config", str(cfg), f"--trainer.{flag}", value])
+    proc = cli(["fit", "--config", str(cfg), f"--trainer.{flag}", value])
     _one_line_error(proc, f"trainer.{flag}", "manual optimisation", value)
     assert not (tmp_path / "ct").exists()
 
@@ -112,11 +112,11 @@ def test_subcommands_that_cannot_run_are_not_offered(sub, tmp_path, cli):
     assert not (tmp_path / "run").exists()
 
 
-def test_data_without_environment_trains_and_skips_evaluation_before_asking_for_a_critic(dataset, tmp_path):
+def test_data_without_environment_trains_and_skips_evaluation_before_asking_for_a_critic(dataset, tmp_path, cli):
     # the shipped CT config names a critic checkpoint that does not exist here; the data names no environment
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct", dataset, steps=2,
                         eval_args={"critic_ckpt": str(tmp_path / "no_iql" / "last.ckpt")})
-    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    proc = cli(["fit", "--config", str(cfg)])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     skips = [ln for ln in out.splitlines() if "RolloutEvaluation" in ln]
@@ -125,7 +125,7 @@ def test_data_without_environment_trains_and_skips_evaluation_before_asking_for_
     assert not list(tmp_path.rglob("eval_report*"))
 
 
-def test_eval_settings_from_the_command_line(tmp_path):
+def test_eval_settings_from_the_command_line(tmp_path, cli):
     """``--eval.<name>`` sets the config's RolloutEvaluation callback (LightningCLI cannot address one entry of
     trainer.callbacks); on a config without one it is refused in one line."""
     import json
@@ -146,7 +146,7 @@ def test_eval_settings_from_the_command_line(tmp_path):
     rep = json.loads((tmp_path / "ct" / "eval_report.json").read_text())
     assert [r["nfe"] for r in rep["results"]] == [2] and rep["results"][0]["episodes"] == 1
     assert rep["num_candidates"] == 3
-    proc = run_cli_subprocess(["fit", "--config", str(iql), "--eval.episodes", "3"])
+    proc = cli(["fit", "--config", str(iql), "--eval.episodes", "3"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "--eval.episodes" in line and "RolloutEvaluation" in line, line
