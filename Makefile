@@ -28,7 +28,7 @@ demo: $(STAMP)
 	@$(BIN)/python scripts/run_pipeline.py --preset demo --out results/demo
 
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	@$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	@$(BIN)/python -m pytest -q -m "not slow"

@@ -94,12 +94,11 @@ def test_consistency_checkpoints_sample_on_their_training_grid(data_and_teacher,
 
 
 
-def test_ct_init_from_edm_starts_from_its_ema_network(data_and_teacher, tmp_path):
+def test_ct_init_from_edm_starts_from_its_ema_network(data_and_teacher, tmp_path, cli):
     """``init_from`` (ECT): with lr 0 the CT's online and EMA networks stay what they started as, which must be the
     EDM's EMA network (its architecture, Fourier scale included), and the checkpoint records where they came from; a
     CT from scratch starts elsewhere. A critic checkpoint as ``init_from`` is refused in one line before any work."""
     from idql_cm.fileio import file_sha256
-    from tests.cli_utils import run_cli_subprocess
 
     dataset, teacher = data_and_teacher
     edm = torch.load(teacher, map_location="cpu", weights_only=False)
@@ -120,14 +119,14 @@ def test_ct_init_from_edm_starts_from_its_ema_network(data_and_teacher, tmp_path
     assert main(["fit", "--config", str(critic)]) == 0
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "bad.yaml", tmp_path / "bad", dataset, steps=2,
                         keep_eval=False, model_args={"init_from": str(tmp_path / "iql" / "checkpoints" / "last.ckpt")})
-    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    proc = cli(["fit", "--config", str(cfg)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "model.init_from" in line and "'edm'" in line and "'iql'" in line, line
     assert not (tmp_path / "bad").exists()
 
 
-def test_ct_init_from_an_edm_ensemble_takes_member_k_from_member_k(data_and_teacher, tmp_path):
+def test_ct_init_from_an_edm_ensemble_takes_member_k_from_member_k(data_and_teacher, tmp_path, cli):
     dataset, _ = data_and_teacher
     edm = _fit("edm", tmp_path, dataset, 2, "edm2", num_seeds=2, **SMALL_NET)
     path = str(tmp_path / "edm2" / "checkpoints" / "last.ckpt")
@@ -135,9 +134,7 @@ def test_ct_init_from_an_edm_ensemble_takes_member_k_from_member_k(data_and_teac
     start, mine = _part(edm["state_dict"], "ema_model.net."), _part(ct["state_dict"], "ema_model.net.")
     assert all(torch.equal(mine[k], start[k]) for k in start)  # [2, ...] each: member k from member k
     assert not torch.equal(start["inp.weight"][0], start["inp.weight"][1])
-    from tests.cli_utils import run_cli_subprocess
-
     cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "solo.yaml", tmp_path / "solo", dataset, steps=2,
                         keep_eval=False, model_args={"init_from": path})
-    proc = run_cli_subprocess(["fit", "--config", str(cfg)])
+    proc = cli(["fit", "--config", str(cfg)])
     assert proc.returncode == 2 and "holds 2 member(s)" in proc.stderr.strip().splitlines()[-1]

@@ -37,8 +37,8 @@ def _poisoned(tmp_path, dataset, stage, what, steps, mode, name="run", members=S
     ("edm", "batch", ["non-finite loss and gradient norm of member 1 (seed 1) at step 3", "before the update"]),
     ("iql", "grad", ["non-finite gradient norm of member 1 (seed 1) at step 3", "before the update"]),
 ])
-def test_stop_names_the_member_and_keeps_the_last_good_checkpoint(stage, what, needles, dataset, tmp_path):
-    proc = run_cli_subprocess(["fit", "--config", str(_poisoned(tmp_path, dataset, stage, what, [3], "stop"))])
+def test_stop_names_the_member_and_keeps_the_last_good_checkpoint(stage, what, needles, dataset, tmp_path, cli):
+    proc = cli(["fit", "--config", str(_poisoned(tmp_path, dataset, stage, what, [3], "stop"))])
     _error_line(proc.returncode, proc.stderr, f"{stage.upper()}Module", *needles, "last good checkpoint", "skip only that member")
     last = _load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 3 and _all_finite(last["state_dict"])
@@ -70,7 +70,7 @@ def test_skip_skips_only_that_members_update_and_counts_it_per_member(stage, wha
     assert max(e.value for e in acc.Scalars("train/skipped_nonfinite_steps/member_0")) == 0
 
 
-def test_sigkill_then_resume_of_an_ensemble_is_exact(dataset, tmp_path):
+def test_sigkill_then_resume_of_an_ensemble_is_exact(dataset, tmp_path, cli):
     """An S = 2 CT run killed (SIGKILL) inside a random step and resumed ends with every member's weights, EMA and
     Adam state (per-member step counts included) of the uninterrupted run, exactly."""
     rng = random.Random(77)
@@ -82,8 +82,7 @@ def test_sigkill_then_resume_of_an_ensemble_is_exact(dataset, tmp_path):
     last = kill_then_resume(tmp_path, ref_cfg, run_cfg, steps, rng)
     assert last["idql_cm"]["num_seeds"] == 2 and _all_finite(last["state_dict"])
     # resuming with another member count is refused in one line
-    wrong = run_cli_subprocess(["fit", "--config", str(run_cfg), "--ckpt_path", "last",
-                                "--model.init_args.num_seeds", "3"])
+    wrong = cli(["fit", "--config", str(run_cfg), "--ckpt_path", "last", "--model.init_args.num_seeds", "3"])
     _error_line(wrong.returncode, wrong.stderr, "holds 2 member(s)", "num_seeds: 3")
 
 

@@ -133,13 +133,13 @@ def test_cd_member_k_distils_from_teacher_member_k(dataset, edm_ensemble, tmp_pa
     ({"teacher_member": 3}, ["out of range 0..2"]),
     ({"num_seeds": 3, "teacher_member": 1}, ["teacher_member", "leave it unset"]),
 ])
-def test_cd_refuses_a_teacher_of_another_member_count_in_one_line(args, needles, dataset, edm_ensemble, tmp_path):
-    from tests.cli_utils import run_cli_subprocess
+def test_cd_refuses_a_teacher_of_another_member_count_in_one_line(args, needles, dataset, edm_ensemble, tmp_path,
+                                                                   cli):
     from tests.test_cli_errors import _one_line_error
 
     cfg = shrink_config(CONFIGS / "demo" / "cd.yaml", tmp_path / "cd.yaml", tmp_path / "cd", dataset, steps=2,
                         model_args={"teacher_ckpt": str(edm_ensemble), **args}, keep_eval=False)
-    _one_line_error(run_cli_subprocess(["fit", "--config", str(cfg)]), *needles)
+    _one_line_error(cli(["fit", "--config", str(cfg)]), *needles)
     assert not (tmp_path / "cd" / "checkpoints").exists()
 
 
