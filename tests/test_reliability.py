@@ -266,11 +266,9 @@ def batch(data, artefacts, tmp_path_factory) -> dict[str, dict]:
             {"class_path": "tests.probes.PoisonAt", "init_args": {"steps": [5]}}])],
         "teacher_sizes": ["fit", "--config", _config(tmp, "teacher_sizes", "cd", data["A"]),
                           "--model.init_args.teacher_ckpt", artefacts["edm_B"]],
-        "truncated": ["fit", "--config", _config(tmp, "truncated", "edm", data["truncated"])],
         "truncated_debug": ["fit", "--config", _config(tmp, "truncated_debug", "edm", data["truncated"])],
         "oob_clip": ["fit", "--config", _config(tmp, "oob_clip", "edm", data["out_of_bounds"])],
-        "unknown_key": ["fit", "--config", CONFIGS / "demo" / "iql.yaml", "--model.init_args.gamma", "1"],
-    }
+    }  # the truncated file's one line (below) and an unknown key (tests/test_cli_errors.py) run in process
     procs = {}
     for name, args in jobs.items():  # oob_clip: Python's default warning filters, as a user has them
         env = _env(PYTHONWARNINGS="default") if name == "oob_clip" else _env()
@@ -293,18 +291,18 @@ def test_the_command_stops_on_nan_refuses_wrong_teacher_and_bad_data_warns_on_cl
     r = batch["teacher_sizes"]
     _error_line(r["rc"], r["err"], "model.teacher_ckpt", artefacts["edm_B"], "11/3", "17/6", data["A"], data["B"])
     assert not r["root"].exists()  # refused before anything was written
-    r = batch["truncated"]
-    _error_line(r["rc"], r["err"], data["truncated"], "truncated")
-    assert not r["root"].exists()
     r = batch["truncated_debug"]  # IDQL_CM_DEBUG=1: the traceback instead of the line
     assert r["rc"] != 0 and "Traceback" in r["err"] and "DataError" in r["err"], r["err"][-3000:]
     r = batch["oob_clip"]  # clipping is the default: one warning line with the count, and the run goes on
     assert r["rc"] == 0, r["err"][-3000:]
     warn = [ln for ln in r["err"].splitlines() if ln.startswith("idql-cm: warning:") and "'actions'" in ln]
     assert len(warn) == 1 and "3 of 2376 entries" in warn[0] and "clipped" in warn[0], r["err"][-3000:]
-    r = batch["unknown_key"]  # jsonargparse's message, one short line instead of 60 lines of usage
-    line = _error_line(r["rc"], r["err"], "gamma", "not accepted", "idql-cm fit --help")
-    assert len(r["err"].strip().splitlines()) == 1 and len(line) < 300
+
+
+def test_a_truncated_file_is_refused_in_one_line(data, tmp_path, cli):
+    proc = cli(["fit", "--config", str(_config(tmp_path, "truncated", "edm", data["truncated"]))])
+    _error_line(proc.returncode, proc.stderr, data["truncated"], "truncated")
+    assert not (tmp_path / "truncated").exists()
 
 
 # --------------------------------------------------------------------------------------- 2. non-finite values
