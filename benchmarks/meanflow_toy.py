@@ -13,7 +13,9 @@ shipped choices. Usage (key=value; defaults are the shipped MeanFlow settings)::
 0.75 with ``paper`` unless given); ``features``: ``positional`` (shipped), ``octaves`` (cos / sin(pi 2^k h),
 k = 0..7) or ``low`` (cos / sin(pi f h), f <= 2); ``fs``: the time embedding's Fourier scale; ``p``: the adaptive
 weight's power; ``pmt``: the mean of t's logit-normal (``code``: -0.6); ``tone``: the share of the r != t pairs
-drawn at t = 1 exactly, the one-step map's starting time (0: none, shipped); ``toy`` / ``data_seed``: any toy of
+drawn at t = 1 exactly, the one-step map's starting time (0: none, shipped); ``shortcut``: the share of each batch
+at (r, t) = (0, 1) trained towards the two-step composition (``meanflow_loss(shortcut_share=...)``; 0: none,
+shipped), ``shortcut_from=ema``: that target from the EMA network; ``toy`` / ``data_seed``: any toy of
 ``make quality`` and its mode layout. Prints one JSON line: precision and the worst mode's share / true share at NFE 1, 2, 4.
 """
 
@@ -95,18 +97,22 @@ def main(argv: list[str]) -> dict:
                   fourier_scale=float(args.get("fs", 4.0)))
     model = mf.MeanFlowModel(net)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if args.get("shortcut_from") == "ema":  # the composition target from the EMA network, as consistency targets are
+        own = mf.shortcut_target
+        mf.shortcut_target = lambda _model, eps, o: own(ema, eps, o)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     t0 = time.time()
     for k in range(steps):
         i = torch.randint(0, n, (256,))
-        loss, _ = mf.meanflow_loss(model, X[i], obs[i], None, share, *t_r, float(args.get("p", 1.0)))
+        loss, _ = mf.meanflow_loss(model, X[i], obs[i], None, share, *t_r, float(args.get("p", 1.0)), 1e-3,
+                                   float(args.get("shortcut", 0.0)))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         ema_update_(ema, model, min(0.999, (1 + k) / (10 + k)))
-    res = {}
+    res = {"final_loss": float(loss.detach())}
     for nfe in (1, 2, 4):
         rows = []
         for c in range(toy.num_conditions):

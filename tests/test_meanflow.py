@@ -13,6 +13,7 @@ from idql_cm.diffusion.meanflow import (
     meanflow_loss,
     meanflow_sample,
     sample_t_r,
+    shortcut_target,
 )
 from idql_cm.errors import ConfigError
 from idql_cm.nets.ensemble import MemberGenerators, StackedIDQLMlp
@@ -101,6 +102,33 @@ def test_the_adaptive_weight_matches_a_hand_computation():
     err = v.pow(2).sum(-1)
     assert raw.item() == pytest.approx(err.mean().item(), rel=1e-6)
     assert loss.item() == pytest.approx((err / (err + 1e-3)).mean().item(), rel=1e-6)
+
+
+def test_the_shortcut_rows_learn_the_one_step_map_from_the_two_step_composition():
+    """shortcut_share 1: every row at (r, t) = (0, 1), z = ε, trained towards the stop-gradient two-step composition
+    (a hand computation with the same draws); share 0 draws nothing more and gives the plain loss bit for bit."""
+    torch.manual_seed(0)
+    model = MeanFlowModel(IDQLMlp(OBS + H_FEATURES, ACT, emb_dim=16, hidden_dim=32, n_blocks=1, dropout=0.0))
+    obs, x = torch.randn(8, OBS), torch.rand(8, ACT) * 2 - 1
+    plain = meanflow_loss(model, x, obs, torch.Generator().manual_seed(5))
+    zero = meanflow_loss(model, x, obs, torch.Generator().manual_seed(5), shortcut_share=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero, strict=True))
+
+    loss, raw = meanflow_loss(model, x, obs, torch.Generator().manual_seed(5), shortcut_share=1.0)
+    g = torch.Generator().manual_seed(5)
+    sample_t_r((8,), x, g)
+    eps = torch.randn(x.shape, generator=g)
+    ones = torch.ones(8)
+    with torch.no_grad():
+        u_late = model(eps, ones * 0.5, ones, obs)                        # the step from t = 1 to ½ ...
+        u_early = model(eps - 0.5 * u_late, ones * 0.0, ones * 0.5, obs)  # ... then from ½ to 0
+        err = (model(eps, ones * 0.0, ones, obs) - 0.5 * (u_late + u_early)).pow(2).sum(-1)
+    assert torch.allclose(shortcut_target(model, eps, obs), 0.5 * (u_late + u_early))
+    assert raw.item() == pytest.approx(err.mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx((err / (err + 1e-3)).mean().item(), rel=1e-5)
+    assert not torch.equal(raw, plain[1])  # the target did change
+    raw.backward()  # the gradient reaches the one-step map only (the target is under no_grad)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4])

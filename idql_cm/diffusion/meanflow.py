@@ -85,17 +85,34 @@ def sample_t_r(shape, like: torch.Tensor, generator, flow_share: float = 0.25, P
     return t, torch.minimum(t, torch.where(equal, t, r))
 
 
+def shortcut_target(model: MeanFlowModel, eps: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """The two-step composition as a target for the one-step map, ``u(ε, 0, 1) ≈ ½·(u(ε, ½, 1) + u(z_½, 0, ½))``
+    with ``z_½ = ε − ½·u(ε, ½, 1)`` (the self-consistency of shortcut models, Frans et al. 2024), without gradients:
+    ``eps [..., B, A]`` → ``[..., B, A]``."""
+    with torch.no_grad():
+        half = torch.full(eps.shape[:-1], 0.5, device=eps.device, dtype=eps.dtype)
+        u_late = model(eps, half, half + 0.5, obs)
+        u_early = model(eps - 0.5 * u_late, half - 0.5, half, obs)
+        return 0.5 * (u_late + u_early)
+
+
 def meanflow_loss(model: MeanFlowModel, x: torch.Tensor, obs: torch.Tensor, generator=None, flow_share: float = 0.25,
                   P_mean_t: float = -0.6, P_std_t: float = 1.6, P_mean_r: float = -4.0, P_std_r: float = 1.6,
-                  adaptive_p: float = 1.0, adaptive_c: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                  adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
+                  shortcut_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weighted loss, unweighted loss)``: scalars, or ``[S]`` per member with a ``MemberGenerators``.
 
     ``x [..., B, A]`` data actions, ``obs [..., B, O]`` normalised observations. The JVP runs outside autocast: the
-    target's ``(t − r)·du/dt`` is a difference of nearby quantities that bf16 would round away."""
+    target's ``(t − r)·du/dt`` is a difference of nearby quantities that bf16 would round away. ``shortcut_share``
+    (default 0: no extra draw, the plain loss): a share of the rows moved to (r, t) = (0, 1), the one-step map,
+    and trained towards :func:`shortcut_target` instead of the JVP target (its mask drawn after every other draw)."""
     with torch.autocast(x.device.type, enabled=False):
         x, obs = x.float(), obs.float()
         t, r = sample_t_r(x.shape[:-1], x, generator, flow_share, P_mean_t, P_std_t, P_mean_r, P_std_r)
         eps = _randn(x.shape, x, generator)
+        shortcut = _rand(x.shape[:-1], x, generator) < shortcut_share if shortcut_share > 0 else None
+        if shortcut is not None:
+            t, r = torch.where(shortcut, torch.ones_like(t), t), torch.where(shortcut, torch.zeros_like(r), r)
         te, re_ = t[..., None], r[..., None]
         z = (1.0 - te) * x + te * eps
         v = eps - x
@@ -105,6 +122,8 @@ def meanflow_loss(model: MeanFlowModel, x: torch.Tensor, obs: torch.Tensor, gene
 
         u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
         target = (v - (te - re_) * dudt).detach()
+        if shortcut is not None:
+            target = torch.where(shortcut[..., None], shortcut_target(model, eps, obs), target)
         err = (u - target).pow(2).sum(dim=-1)                       # [..., B]: squared L2 per sample
         weight = 1.0 / (err.detach() + adaptive_c).pow(adaptive_p)  # the adaptive loss weight, under sg
         return batch_mean(weight * err, generator), batch_mean(err, generator)
