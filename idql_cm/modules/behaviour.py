@@ -464,7 +464,7 @@ class CTModule(ConsistencyBehaviour):
 class CDModule(ConsistencyBehaviour):
     """Consistency distillation (Song et al. 2023) from a frozen EDM teacher checkpoint.
 
-    The teacher (its EMA weights) is ckpt_seeds outside the module's parameters: it is not optimised, not
+    The teacher (its EMA weights) is held outside the module's parameters: it is not optimised, not
     synchronised by DDP, and not re-saved in CD checkpoints (its path and SHA-256 are recorded instead).
     """
 
