@@ -20,9 +20,9 @@ warnings.filterwarnings("ignore", message=".*settotalmass.*")
 
 @pytest.fixture(scope="module")
 def mixed_file(tmp_path_factory):
-    """10 mixed HalfCheetah episodes (the gait search included: a few seconds)."""
+    """10 mixed HalfCheetah episodes (the gait search included, at a 60,000-step budget: a few seconds)."""
     return collect("HalfCheetah-v5", tmp_path_factory.mktemp("collect") / "mixed.hdf5", transitions=10_000, seed=0,
-                   behaviour="mixed", progress=False)
+                   behaviour="mixed", progress=False, search_budget=60_000)
 
 
 def test_mixed_layout(mixed_file):
@@ -134,7 +134,7 @@ def test_medium_expert_is_the_d4rl_construction(tmp_path):
     is the strong gait with lapses (whole 50-step blocks at a third of the swing), so its returns are clearly lower
     while outside its lapses it plays the strong gait: at shared states, two actions."""
     path = collect("HalfCheetah-v5", tmp_path / "me.hdf5", transitions=8_000, seed=0, behaviour="medium-expert",
-                   progress=False)
+                   progress=False, search_budget=60_000)  # a poorer gait than the default budget's, the same construction
     with h5py.File(path, "r") as f:
         levels = f["metadata/episode_level"][()].astype(str).tolist()
         returns = f["metadata/episode_returns"][()]
