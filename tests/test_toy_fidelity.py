@@ -6,8 +6,9 @@ half its samples on the wrong modes. ``fidelity_problems`` asserts that most sam
 condition and that every mode gets a fair share; it is shown to reject collapsed samplers.
 
 The modes sit at ±0.35: even an exact denoiser puts only ~87% of Euler NFE-4 samples within 0.2 of a mode (the
-coarse grid pulls samples towards the middle). Over seeds 0–3 (measured 2026-12-07) EDM at NFE 4 puts 80–85% of its
-samples near a mode, CT at NFE 1 (2,500 steps) 86–95% and CD at NFE 1 (1,000 steps) 89–95%, with 38–47% on each mode
+coarse grid pulls samples towards the middle). Over seeds 0–3 (measured 2026-12-07) EDM at NFE 4 (2,000 steps) puts
+82–85% of its samples near a mode, CT at NFE 1 (2,500 steps) 86–95% and CD at NFE 1 (1,000 steps from that EDM) 88–95%,
+with 37–47% on each mode
 (thresholds: 70% and 20%); each training run takes 10–20 s on one core.
 ``make quality`` measures the same designs at demo size on three harder toys (docs/quality.md).
 """
@@ -118,12 +119,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def edm():
-    """(online, EMA) EDM denoisers with the default σ and loss settings; ~15 s on one core."""
+    """(online, EMA) EDM denoisers with the default σ and loss settings; ~10 s on one core (2,000 steps: 3,000 gave
+    80-85% near a mode at NFE 4 over seeds 0-3, 2,000 gives 82-85%)."""
     torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
     model = EDMDenoiser(small_net(fourier_scale=16.0))
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    train(model, ema, lambda k, obs, act: model.loss(act, obs, generator=g), steps=3000, lr=2e-3, g=g)
+    train(model, ema, lambda k, obs, act: model.loss(act, obs, generator=g), steps=2000, lr=2e-3, g=g)
     return model, ema
 
 
@@ -195,7 +197,7 @@ def test_reference_cd_single_slow_ema_fails_the_check(edm):
     """The reference's CD (one EMA from the teacher's EMA at a constant rate, as target and policy) fails the same
     check: the slow target stays a denoiser, so NFE 1 returns near the conditional mean. This is the defect the
     separate target fixes (docs/quality.md measures it at demo size). Rate 0.999, the demo configs' (the
-    reference's is 0.9999); the shipped CD's budget, 1,000 steps (0-1% near a mode on seeds 0-3; 0% at 2,500)."""
+    reference's is 0.9999); the shipped CD's budget, 1,000 steps (0-1% near a mode on seeds 0-3, from this EDM or one of 3,000 steps)."""
     policy = distil(edm, target_ema=None, teacher_ema_start=True, ema_decay=0.999)
     g_eval = torch.Generator().manual_seed(SEED + 1)
     problems = fidelity_problems(lambda obs: cm_sample(policy, obs, nfe=1, generator=g_eval))
