@@ -40,9 +40,8 @@ def _one_thread_per_xdist_worker():
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """``idql-cm ARGS`` in this process (its exit code and output), for the refusals: the same ``main`` as the
-    console script, without a new interpreter's start-up per case. Exit codes and environment variables that must
-    be read at start-up keep their subprocess tests (test_debug_env_shows_traceback, the data-without-environment
-    run, test_help_lists_every_command)."""
+    console script, without a new interpreter's start-up per case. What only a process shows keeps its subprocess
+    test (IDQL_CM_DEBUG read at start-up, ``--help``, DDP, SIGKILL and resume, PYTHONPATH, the reliability batch)."""
     from types import SimpleNamespace
 
     from idql_cm.cli import main
@@ -58,7 +57,6 @@ def cli(capsys, monkeypatch):
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
-
 
 
 class _CurrentStderr:
