@@ -7,8 +7,7 @@ advantage, the distance to the data's own action at the state, and the share of 
 (|a| > 0.99); beside them the data's own action's Q, the distance of the nearest candidate to the data's action
 (coverage), the candidates' spread (their std across the N candidates of a state, mean over states and dimensions)
 and how far the NFE-k action lands from the NFE-4 one from the same initial draw. A backbone whose chosen actions
-gain Q while leaving the data
-is being picked for the critic's extrapolation, not for its behaviour.
+gain Q while leaving the data is being picked for the critic's extrapolation, not for its behaviour.
 
     python -m benchmarks.selection --analogue two-gait                 # reads benchmarks/quality_full.json
 """
