@@ -241,6 +241,36 @@ def test_renoise_min_keeps_every_level_at_or_above_it(nfe, seen):
     assert [(lo + i / 3 * (hi - lo)) ** 7 for i in (2, 1)] == pytest.approx([30.18326, 9.72320], rel=1e-4)
 
 
+@pytest.mark.parametrize("nfe, seen", [(1, [2.51522]), (2, [2.51522, 0.24238]), (3, [2.51522, 0.46998, 0.05153])])
+def test_cm_sampler_can_start_below_sigma_max(nfe, seen):
+    """``sigma_max`` 2.6 on the 18-interval grid: the start moves to the grid point 2.515, the draw is scaled by it,
+    the levels below are the Karras grid of nfe intervals from 2.6, snapped (nfe 2: 0.174 → 0.242; nfe 3: the hand
+    computation below), exactly nfe evaluations."""
+    grid = karras_sigmas(18)
+    cm = ConsistencyModel(CountingNet(small_net())).eval()
+    eps = torch.randn(nfe, 5, ACT)
+    inputs = []
+    cm.net.register_forward_hook(lambda mod, args, out: inputs.append(args[0].clone()))
+    cm_sample(cm, torch.randn(5, OBS), nfe, noise=eps, train_grid=grid, sigma_max=2.6)
+    assert cm.net.sigmas == pytest.approx(seen, rel=1e-4)
+    assert max(min(abs(s - float(g)) / s for g in grid) for s in cm.net.sigmas) < 1e-6
+    # the first evaluation sees c_in·(ε·2.515): EDM's c_in = 1/√(σ² + σ_data²)
+    c_in = 1 / (2.51522**2 + cm.sigma_data**2) ** 0.5
+    assert torch.allclose(inputs[0], eps[0] * 2.51522 * c_in, rtol=1e-4)
+    lo, hi = 0.002 ** (1 / 7), 2.6 ** (1 / 7)  # nfe 3's inner levels before snapping: 0.4834 → 0.46998, 0.0525 → 0.0515
+    assert [(lo + i / 3 * (hi - lo)) ** 7 for i in (2, 1)] == pytest.approx([0.48337, 0.052535], rel=1e-4)
+    # without a grid the start is exactly the level asked for; None is the model's σ_max, bit for bit
+    free = ConsistencyModel(CountingNet(small_net())).eval()
+    cm_sample(free, torch.randn(5, OBS), 1, noise=eps[:1], sigma_max=2.6)
+    assert free.net.sigmas == pytest.approx([2.6], rel=1e-6)
+    obs = torch.randn(5, OBS)
+    assert torch.equal(cm_sample(cm, obs, nfe, noise=eps), cm_sample(cm, obs, nfe, noise=eps, sigma_max=None))
+    with pytest.raises(ConfigError, match="start level in .*found 100"):
+        cm_sample(cm, obs, 1, sigma_max=100.0)
+    with pytest.raises(ConfigError, match="renoise_min below the start level 2.6, found 5"):
+        cm_sample(cm, obs, 2, sigma_max=2.6, renoise_min=5.0)
+
+
 def test_cm_sampler_refuses_more_levels_than_the_training_grid_has():
     cm = ConsistencyModel(small_net()).eval()
     sampling_sigmas(cm, 4, karras_sigmas(4))  # exactly the grid

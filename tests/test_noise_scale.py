@@ -117,3 +117,56 @@ def test_renoise_min_is_recorded_and_used_and_a_level_outside_the_range_is_refus
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("idql-cm: error:")]
         assert len(err) == 1 and "model.renoise_min" in err[0] and bad in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_sample_sigma_max_is_recorded_and_used_and_a_bad_level_is_refused(trained, tmp_path, capsys):
+    """``model.sample_sigma_max`` on a consistency backbone: the checkpoint records it, the loaded policy's first
+    evaluation is at the training-grid point nearest to it (counted, NFE 1 and 2), and the export replays it; a level
+    outside (σ_min, σ_max] or a ``renoise_min`` not below it is refused in one line before any work."""
+    import os
+
+    from idql_cm.cli import main
+    from idql_cm.diffusion import karras_sigmas
+
+    root, _ = trained
+    cfg = shrink_config(CONFIGS / "demo" / "ct.yaml", tmp_path / "ct.yaml", tmp_path / "ct",
+                        str(root / "cheetah.hdf5"), keep_eval=False, model_args={"sample_sigma_max": 2.5})
+    assert main(["fit", "--config", str(cfg)]) == 0
+    ckpt = str(tmp_path / "ct" / "checkpoints" / "last.ckpt")
+    assert torch.load(ckpt, weights_only=False)["idql_cm"]["sample_sigma_max"] == 2.5
+    actor = load_actor(ckpt, device="cpu").actor
+    assert actor.options["sigma_max"] == 2.5
+    grid = actor.options["train_grid"]
+    start = float(grid[(grid.log() - torch.tensor(2.5).log()).abs().argmin()])
+    assert start != pytest.approx(2.5, rel=1e-3) and 1.0 < start < 6.0  # a grid point, not the level asked for
+    seen = []
+    actor.model.net.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1].flatten()[0])))
+    for nfe in (1, 2):
+        seen.clear()
+        actor.sample(torch.randn(3, actor.obs_dim), nfe, generator=torch.Generator().manual_seed(0))
+        sigmas = [float(torch.exp(torch.tensor(4 * c))) for c in seen]  # c_noise = ¼ ln σ
+        assert len(sigmas) == nfe and sigmas[0] == pytest.approx(start, rel=1e-4)
+    # without it: σ_max, as before
+    plain = load_actor(trained[1]["ct"], device="cpu").actor
+    assert "sigma_max" not in plain.options and karras_sigmas(1)[-1] == 80.0
+    out = tmp_path / "ct.pt"
+    assert main(["export", "--actor", ckpt, "--nfe", "1", "--format", "torchscript", "--out", str(out)]) == 0
+    from idql_cm.export.runtime import load_exported
+
+    exported = load_exported(str(out))
+    assert exported.candidates == 1
+    obs, z = torch.randn(4, actor.obs_dim), torch.randn(1, 4, actor.act_dim)
+    assert torch.allclose(torch.as_tensor(exported(obs.numpy(), z.unsqueeze(2).numpy())), actor.sample(obs, 1, noise=z),
+                          atol=1e-5)
+    from_top = dataclasses.replace(actor, options={k: v for k, v in actor.options.items() if k != "sigma_max"})
+    assert not torch.allclose(from_top.sample(obs, 1, noise=z), actor.sample(obs, 1, noise=z), atol=1e-3)
+    os.environ.pop("IDQL_CM_DEBUG", None)
+    for bad, key in (("0.001", "sample_sigma_max"), ("100", "sample_sigma_max"), ("2.4:3.0", "renoise_min")):
+        capsys.readouterr()
+        args = (["--model.init_args.sample_sigma_max", bad] if ":" not in bad else
+                ["--model.init_args.sample_sigma_max", bad.split(":")[0], "--model.init_args.renoise_min",
+                 bad.split(":")[1]])
+        assert main(["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "bad"), *args]) != 0
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("idql-cm: error:")]
+        assert len(err) == 1 and f"model.{key}" in err[0] and bad.split(":")[-1] in err[0], err
+    assert not (tmp_path / "bad").exists()

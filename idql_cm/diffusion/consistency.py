@@ -91,19 +91,24 @@ def cm_sample(
     noise: torch.Tensor | None = None,
     train_grid: torch.Tensor | None = None,
     renoise_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """Actions ``[B, act_dim]`` with ``nfe`` evaluations: one step from ``x = randn·σ_max``, then re-noising at the
     inner points of the Karras grid of nfe intervals (nfe 2: σ = 2.515; nfe 4: 17.53, 2.515, 0.170).
+
+    ``sigma_max``: start there instead of at the model's σ_max (``x = randn·sigma_max``, the first step at that
+    level; the grid below it as above, from it); on a training grid the start moves to its nearest point too.
 
     ``train_grid``: the σ-grid the model was trained on (:func:`sampling_sigmas`); the re-noising levels are then
     moved to its nearest points (18-interval CD grid, nfe 4: 21.11, 2.515, 0.242). ``renoise_min``: the lowest
     re-noising level (see :func:`sampling_sigmas`).
     ``noise``: all standard-normal draws as ``[nfe, B, A]`` (``noise[0]`` the initial draw, ``noise[1:]`` the
     re-noising draws), for bit-exact replays (e.g. against an exported graph); None draws them with ``generator``."""
-    sigmas = sampling_sigmas(model, nfe, train_grid, device=obs.device, renoise_min=renoise_min)
+    sigmas = sampling_sigmas(model, nfe, train_grid, device=obs.device, renoise_min=renoise_min, sigma_start=sigma_max)
     shape = (obs.shape[0], model.act_dim)
     check_noise(noise, nfe, shape)
-    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * model.sigma_max
+    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * (model.sigma_max if sigma_max is None
+                                                                          else sigmas[-1])
     return sample_consistency(model, x, sigmas, obs, generator, None if noise is None else noise[1:])
 
 
@@ -116,21 +121,33 @@ def cm_one_step(model: ConsistencyModel, obs: torch.Tensor, noise: torch.Tensor)
 
 
 def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | None = None,
-                    device=None, renoise_min: float | None = None) -> torch.Tensor:
+                    device=None, renoise_min: float | None = None,
+                    sigma_start: float | None = None) -> torch.Tensor:
     """The ascending σ-grid of ``nfe``-step consistency sampling: the Karras grid of nfe intervals, with its inner
     points moved onto ``train_grid`` (nearest in log σ) when given. Refuses an nfe the training grid cannot honour
     (two levels on one grid point).
 
     ``renoise_min``: the inner levels are instead the points below σ_max of the ρ-grid of nfe − 1 intervals from
     ``renoise_min`` to σ_max: nfe 2 re-noises at ``renoise_min``, nfe 4 (ρ 7, from 2.515) at 2.515, 9.72 and 30.18 —
-    no level below it, where a distilled model may not remove the noise it is given."""
+    no level below it, where a distilled model may not remove the noise it is given.
+
+    ``sigma_start``: the top of the grid (None: the model's σ_max); on ``train_grid`` it moves to the nearest point."""
     if nfe < 1:
         raise ConfigError(f"consistency sampling: expected nfe ≥ 1, found nfe={nfe}")
+    top = model.sigma_max if sigma_start is None else float(sigma_start)
+    if not model.sigma_min < top <= model.sigma_max:
+        raise ConfigError(f"consistency sampling: expected a start level in ({model.sigma_min:g}, "
+                          f"{model.sigma_max:g}], found {top:g}")
     if renoise_min is not None and nfe >= 2:
-        upper = karras_sigmas(nfe - 1, float(renoise_min), model.sigma_max, model.rho, device=device)
+        if not renoise_min < top:
+            raise ConfigError(f"consistency sampling: expected renoise_min below the start level {top:g}, "
+                              f"found {renoise_min:g}")
+        upper = karras_sigmas(nfe - 1, float(renoise_min), top, model.rho, device=device)
         sigmas = torch.cat([upper.new_tensor([model.sigma_min]), upper])
     else:
-        sigmas = model.sigmas(nfe, device=device)
+        sigmas = karras_sigmas(nfe, model.sigma_min, top, model.rho, device=device)
+    if train_grid is not None and sigma_start is not None:
+        sigmas = torch.cat([sigmas[:-1], snap_to_grid(sigmas[-1:], train_grid.to(sigmas))])
     if train_grid is None or nfe < 2:
         return sigmas
     # Deliberate difference: the reference re-noises at the Karras levels of nfe intervals whatever the model was

@@ -378,15 +378,16 @@ class ConsistencyBehaviour(BehaviourModule):
     RENOISE = ("train_grid", "karras")
 
     def __init__(self, renoise: str = "train_grid", clip_student: bool = False, renoise_min: float | None = None,
-                 **kwargs: Any) -> None:
+                 sample_sigma_max: float | None = None, **kwargs: Any) -> None:
         """``clip_student``: clip the trained output to the action bounds inside the loss (the reference's; it
         zeroes the gradient of a coordinate that overshoots, see ``diffusion.consistency.CLIP_NOTE``); targets and
         samples are always clipped. ``renoise``: where multistep sampling re-noises. ``train_grid``: at the Karras levels of nfe intervals
         moved to the nearest points of the training grid (CD's 18 intervals; CT's last curriculum grid); ``karras``:
         at the Karras levels themselves (the reference's; off CD's grid the model is untrained there).
         ``renoise_min``: the lowest re-noising level (None: the Karras levels of the NFE); the levels then spread on
-        the ρ-grid from it to σ_max (:func:`~idql_cm.diffusion.consistency.sampling_sigmas`). A sampling choice:
-        training does not depend on it."""
+        the ρ-grid from it to σ_max (:func:`~idql_cm.diffusion.consistency.sampling_sigmas`). ``sample_sigma_max``:
+        the level the first step starts from (None: σ_max; on the training grid, its nearest point). Sampling
+        choices: training does not depend on them."""
         super().__init__(**kwargs)
         if renoise not in self.RENOISE:
             raise ConfigError(f"model.renoise: expected one of {self.RENOISE}, found {renoise!r}")
@@ -397,6 +398,12 @@ class ConsistencyBehaviour(BehaviourModule):
             raise ConfigError(f"model.renoise_min: expected a level between sigma_min {lo:g} and sigma_max {hi:g}, "
                               f"found {renoise_min}")
         self.renoise_min = None if renoise_min is None else float(renoise_min)
+        if sample_sigma_max is not None and not lo < float(sample_sigma_max) <= hi:
+            raise ConfigError(f"model.sample_sigma_max: expected a level in ({lo:g}, {hi:g}], found {sample_sigma_max}")
+        if None not in (sample_sigma_max, renoise_min) and not float(renoise_min) < float(sample_sigma_max):
+            raise ConfigError(f"model.renoise_min: expected a level below sample_sigma_max {sample_sigma_max}, "
+                              f"found {renoise_min}")
+        self.sample_sigma_max = None if sample_sigma_max is None else float(sample_sigma_max)
 
     def train_intervals(self) -> int:  # pragma: no cover - abstract
         """Intervals of the Karras grid the model has been trained on (the finest, for a curriculum)."""
@@ -409,6 +416,8 @@ class ConsistencyBehaviour(BehaviourModule):
         out = {**super().payload(), "renoise": self.renoise, "train_intervals": self.train_intervals()}
         if self.renoise_min is not None:
             out["renoise_min"] = self.renoise_min
+        if self.sample_sigma_max is not None:  # absent when None: older checkpoints and payloads stay as they were
+            out["sample_sigma_max"] = self.sample_sigma_max
         return out
 
 
