@@ -269,6 +269,12 @@ def test_cm_sampler_can_start_below_sigma_max(nfe, seen):
         cm_sample(cm, obs, 1, sigma_max=100.0)
     with pytest.raises(ConfigError, match="renoise_min below the start level 2.6, found 5"):
         cm_sample(cm, obs, 2, sigma_max=2.6, renoise_min=5.0)
+    # on a coarse grid a low start and its re-noising level can snap to one point: refused, not run twice there
+    coarse = karras_sigmas(4)  # 0.002, 0.170, 2.515, 17.5, 80: from 0.5, nfe 2 would start and re-noise at 0.170
+    assert sampling_sigmas(cm, 2, coarse, sigma_start=1.0).tolist() == pytest.approx([0.002, 0.16975, 2.51522], rel=1e-4)
+    with pytest.raises(ConfigError, match="distinct levels of the 4-interval training grid below the start level "
+                                          "0.169753.*found nfe=2"):
+        sampling_sigmas(cm, 2, coarse, sigma_start=0.5)
 
 
 def test_cm_sampler_refuses_more_levels_than_the_training_grid_has():

@@ -154,9 +154,11 @@ def sampling_sigmas(model: Preconditioned, nfe: int, train_grid: torch.Tensor | 
     # trained on; off CD's 18-interval grid (σ = 0.170 at nfe 4) its consistency function is untrained and NFE 4
     # fell to half the precision of NFE 2 (docs/quality.md). We re-noise on the training grid.
     inner = snap_to_grid(sigmas[1:-1], train_grid.to(sigmas))
-    if len(set(inner.tolist())) < len(inner):  # on Python floats: no data-dependent tensor op in a traced graph
-        raise ConfigError(f"consistency sampling: expected nfe ≤ {len(train_grid) - 1} distinct levels of the "
-                          f"{len(train_grid) - 1}-interval training grid, found nfe={nfe}")
+    levels = torch.cat([inner, sigmas[-1:]]).tolist()  # on Python floats: no data-dependent tensor op in a trace
+    if len(set(levels)) < len(levels):
+        where = "" if sigma_start is None else f" below the start level {float(sigmas[-1]):g}"
+        raise ConfigError(f"consistency sampling: expected nfe distinct levels of the {len(train_grid) - 1}-interval "
+                          f"training grid{where} (nfe ≤ {len(train_grid) - 1} from σ_max), found nfe={nfe}")
     return torch.cat([sigmas[:1], inner, sigmas[-1:]])
 
 
