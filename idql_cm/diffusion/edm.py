@@ -84,10 +84,6 @@ class Preconditioned(nn.Module):
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(x, self.x_min, self.x_max)
 
-    def sigmas(self, n: int, device=None) -> torch.Tensor:
-        """This model's Karras grid of ``n`` intervals."""
-        return karras_sigmas(n, self.sigma_min, self.sigma_max, self.rho, device=device)
-
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, obs: torch.Tensor, clip: bool) -> torch.Tensor:
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.get_scalings(sigma))
         out = c_skip * x + c_out * self.net(c_in * x, self.c_noise(sigma), obs)
