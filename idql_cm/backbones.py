@@ -207,16 +207,13 @@ def edm_options(payload: Mapping[str, Any], device: Any = None) -> dict[str, Any
 
 def consistency_options(payload: Mapping[str, Any], device: Any = None) -> dict[str, Any]:
     """A consistency model re-noises on its training grid when the payload says so (``renoise: train_grid``), and
-    starts from ``sample_sigma_max`` when recorded."""
+    starts from ``sample_sigma_max`` (None: σ_max)."""
     intervals = payload.get("train_intervals")
     grid = None
     if payload.get("renoise") == "train_grid" and intervals:
         m = payload["method"]
         grid = karras_sigmas(int(intervals), m["sigma_min"], m["sigma_max"], m["rho"], device=device)
-    out = {"train_grid": grid, "renoise_min": payload.get("renoise_min")}
-    if payload.get("sample_sigma_max") is not None:  # absent: the sampler's default (σ_max), as before
-        out["sigma_max"] = float(payload["sample_sigma_max"])
-    return out
+    return {"train_grid": grid, "renoise_min": payload.get("renoise_min"), "sigma_max": payload.get("sample_sigma_max")}
 
 
 EDM = register_backbone(BackboneSpec(

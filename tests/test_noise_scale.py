@@ -148,7 +148,7 @@ def test_sample_sigma_max_is_recorded_and_used_and_a_bad_level_is_refused(traine
         assert len(sigmas) == nfe and sigmas[0] == pytest.approx(start, rel=1e-4)
     # without it: σ_max, as before
     plain = load_actor(trained[1]["ct"], device="cpu").actor
-    assert "sigma_max" not in plain.options and karras_sigmas(1)[-1] == 80.0
+    assert plain.options["sigma_max"] is None and karras_sigmas(1)[-1] == 80.0
     out = tmp_path / "ct.pt"
     assert main(["export", "--actor", ckpt, "--nfe", "1", "--format", "torchscript", "--out", str(out)]) == 0
     from idql_cm.export.runtime import load_exported

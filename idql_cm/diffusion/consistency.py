@@ -107,8 +107,7 @@ def cm_sample(
     sigmas = sampling_sigmas(model, nfe, train_grid, device=obs.device, renoise_min=renoise_min, sigma_start=sigma_max)
     shape = (obs.shape[0], model.act_dim)
     check_noise(noise, nfe, shape)
-    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * (model.sigma_max if sigma_max is None
-                                                                          else sigmas[-1])
+    x = (_randn(shape, obs, generator) if noise is None else noise[0]) * sigmas[-1]  # the level of the first step
     return sample_consistency(model, x, sigmas, obs, generator, None if noise is None else noise[1:])
 
 

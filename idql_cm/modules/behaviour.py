@@ -333,6 +333,17 @@ class BehaviourModule(IDQLModule):
 
 
 
+def start_level(sample_sigma_max: float | None, method: dict[str, Any]) -> float | None:
+    """``model.sample_sigma_max`` checked against the model's (σ_min, σ_max] (the level a sampler starts from;
+    None: σ_max), one line naming what was expected and found."""
+    if sample_sigma_max is None:
+        return None
+    lo, hi = method["sigma_min"], method["sigma_max"]
+    if not lo < float(sample_sigma_max) <= hi:
+        raise ConfigError(f"model.sample_sigma_max: expected a level in ({lo:g}, {hi:g}], found {sample_sigma_max}")
+    return float(sample_sigma_max)
+
+
 class EDMModule(BehaviourModule):
     """EDM behaviour policy (Karras et al. 2022), trained with the preconditioned, λ-weighted x0 loss."""
 
@@ -352,10 +363,7 @@ class EDMModule(BehaviourModule):
             raise ConfigError(f"model.eval_solver: expected 'euler' or 'heun', found {eval_solver!r}")
         self.method.update(P_mean=P_mean, P_std=P_std)
         self.eval_solver = eval_solver
-        if sample_sigma_max is not None and not (self.method["sigma_min"] < sample_sigma_max <= self.method["sigma_max"]):
-            raise ConfigError(f"model.sample_sigma_max: expected a value in ({self.method['sigma_min']}, "
-                              f"{self.method['sigma_max']}], found {sample_sigma_max}")
-        self.sample_sigma_max = sample_sigma_max
+        self.sample_sigma_max = start_level(sample_sigma_max, self.method)
         if sample_rho is not None and not sample_rho > 0:
             raise ConfigError(f"model.sample_rho: expected a positive number, found {sample_rho}")
         self.sample_rho = sample_rho
@@ -398,12 +406,10 @@ class ConsistencyBehaviour(BehaviourModule):
             raise ConfigError(f"model.renoise_min: expected a level between sigma_min {lo:g} and sigma_max {hi:g}, "
                               f"found {renoise_min}")
         self.renoise_min = None if renoise_min is None else float(renoise_min)
-        if sample_sigma_max is not None and not lo < float(sample_sigma_max) <= hi:
-            raise ConfigError(f"model.sample_sigma_max: expected a level in ({lo:g}, {hi:g}], found {sample_sigma_max}")
-        if None not in (sample_sigma_max, renoise_min) and not float(renoise_min) < float(sample_sigma_max):
+        self.sample_sigma_max = start_level(sample_sigma_max, self.method)
+        if None not in (self.sample_sigma_max, self.renoise_min) and not self.renoise_min < self.sample_sigma_max:
             raise ConfigError(f"model.renoise_min: expected a level below sample_sigma_max {sample_sigma_max}, "
                               f"found {renoise_min}")
-        self.sample_sigma_max = None if sample_sigma_max is None else float(sample_sigma_max)
 
     def train_intervals(self) -> int:  # pragma: no cover - abstract
         """Intervals of the Karras grid the model has been trained on (the finest, for a curriculum)."""
